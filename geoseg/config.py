@@ -1,0 +1,131 @@
+"""Run options as frozen dataclasses, validated once when built (not 28 keyword arguments).
+
+The CLI builds a :class:`SegmentConfig` and calls :func:`geoseg.segment`; Python users do the same.
+Defaults are chosen for quality on a laptop and explained in the README and ``geoseg segment --help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+#: CLIPSeg's input size: tiles are fed at the resolution the model was trained on, never resized.
+TILE_SIZE = 352
+#: 25 % overlap: every pixel's blended value is dominated by tiles where it lies >= 44 px from a
+#: tile edge, where CLIPSeg's context is complete; the 88 px cosine ramps sum to one in the overlap.
+STRIDE = 264
+#: Chunk = one Dask task; several thousand px keeps the halo re-read overhead at a few per cent.
+CHUNK_SIZE = 4096
+DEFAULT_THRESHOLD = 0.5
+
+
+def _as_tuple(value, kind) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (str, int, float)):
+        value = (value,)
+    return tuple(kind(v) for v in value)
+
+
+@dataclass(frozen=True)
+class VectorizeConfig:
+    """How probabilities become polygons (shared by ``segment`` and ``vectorize``).
+
+    ``threshold`` holds one value for all prompts or one per prompt. Areas (``min_area``,
+    ``fill_holes``) are in square metres where the CRS allows it (else CRS units²); ``simplify`` is a
+    tolerance in CRS units and is applied coverage-safely after the seam merge.
+    """
+
+    threshold: tuple[float, ...] = (DEFAULT_THRESHOLD,)
+    min_area: float = 0.0
+    fill_holes: float = 0.0
+    simplify: float = 0.0
+    dst_crs: str | None = None
+    vector_format: str = "gpkg"
+
+    def __post_init__(self):
+        object.__setattr__(self, "threshold", _as_tuple(self.threshold, float) or (DEFAULT_THRESHOLD,))
+        if not all(0.0 < t < 1.0 for t in self.threshold):
+            raise ConfigError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold}")
+        for name in ("min_area", "fill_holes", "simplify"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.vector_format not in ("gpkg", "parquet"):
+            raise ConfigError(f"format must be 'gpkg' or 'parquet', got {self.vector_format!r}")
+
+    def thresholds_for(self, n_prompts: int) -> tuple[float, ...]:
+        if len(self.threshold) == 1:
+            return self.threshold * n_prompts
+        if len(self.threshold) != n_prompts:
+            raise ConfigError(
+                f"give one threshold or one per prompt: {len(self.threshold)} thresholds for {n_prompts} prompts")
+        return self.threshold
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """Everything one ``geoseg segment`` run needs. Paths are kept as given (GDAL paths included)."""
+
+    input: str
+    prompts: tuple[str, ...]
+    output: Path
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    bands: tuple[int, ...] = ()
+    crs: str | None = None
+    resolution: float | None = None
+    tile_size: int = TILE_SIZE
+    stride: int = STRIDE
+    chunk_size: int = CHUNK_SIZE
+    workers: int | None = None
+    scheduler: str | None = None
+    max_in_flight: int | None = None
+    retries: int = 2
+    overwrite: bool = False
+    vector: VectorizeConfig = field(default_factory=VectorizeConfig)
+
+    def __post_init__(self):
+        object.__setattr__(self, "input", str(self.input))
+        object.__setattr__(self, "output", Path(self.output))
+        object.__setattr__(self, "prompts", _as_tuple(self.prompts, str))
+        object.__setattr__(self, "bands", _as_tuple(self.bands, int))
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise ConfigError("give at least one non-empty --prompt")
+        if len(set(self.prompts)) != len(self.prompts):
+            raise ConfigError(f"prompts must be distinct, got {list(self.prompts)}")
+        if self.bands and (len(self.bands) not in (1, 3) or min(self.bands) < 1):
+            raise ConfigError(f"--bands takes 1 or 3 band numbers counted from 1, got {list(self.bands)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 0 < self.stride <= self.tile_size:
+            raise ConfigError(f"stride must be in 1..tile size ({self.tile_size}), got {self.stride}")
+        if self.chunk_size < self.tile_size:
+            raise ConfigError(f"chunk size must be >= the tile size ({self.tile_size}), got {self.chunk_size}")
+        if self.resolution is not None and not self.resolution > 0:
+            raise ConfigError(f"resolution must be > 0, got {self.resolution}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        self.vector.thresholds_for(len(self.prompts))
+
+    def replace(self, **changes) -> "SegmentConfig":
+        return dataclasses.replace(self, **changes)
+
+    def pixel_options(self) -> dict:
+        """The options that change output pixels or their layout: the resume fingerprint."""
+        return {
+            "input": self.input, "prompts": list(self.prompts), "model": self.model,
+            "revision": self.revision, "bands": list(self.bands), "crs": self.crs,
+            "resolution": self.resolution, "tile_size": self.tile_size, "stride": self.stride,
+            "chunk_size": self.chunk_size, "threshold": list(self.vector.threshold),
+        }
+
+
+def as_prompts(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for v in values)

@@ -1,0 +1,394 @@
+"""Builds and runs the chunk tasks; the same stage functions serve local and distributed runs.
+
+One Dask task per chunk: it opens its own rasterio handle, reads its halo window, runs every tile of
+the global grid touching the chunk, blends, writes its probability part atomically, polygonizes its
+own region and returns a small :class:`ChunkResult` (metadata, never pixel arrays). The client keeps
+a bounded number of tasks in flight, skips chunks a previous run finished, then assembles the COG
+and the polygons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import __version__
+from .blend import accumulate, new_accumulators, normalise
+from .config import SegmentConfig, VectorizeConfig
+from .errors import ChunkFailedError, GeosegError, OutputExistsError
+from .export import write_json_atomic, write_vector
+from .model import SegmenterFactory, cached_segmenter, clipseg_factory
+from .raster import RasterInfo, inspect_raster, open_input, read_rgb, write_cog, write_part, write_vrt
+from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
+from .vectorize import finalize, merge_seams, polygonize_chunk, read_pieces, write_pieces
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PROBABILITIES = "probabilities.tif"
+PARTS = "parts"
+#: Names geoseg owns inside a run directory; --overwrite removes only these.
+OWNED = (MANIFEST, PROBABILITIES, PARTS, "polygons.gpkg", "polygons.parquet", "probabilities.vrt")
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything one chunk task needs; small and picklable."""
+
+    region: Region
+    info: RasterInfo
+    prompts: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    tile_size: int
+    stride: int
+    batch_size: int
+    run_dir: str
+    fingerprint: str
+    factory: Any
+
+    def path(self, suffix: str) -> Path:
+        return Path(self.run_dir) / PARTS / f"{self.region.name}{suffix}"
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What a chunk task returns to the client: metadata only."""
+
+    name: str
+    region: Region
+    tiles: int
+    model_tiles: int
+    pieces: int
+    seconds: float
+    worker: str
+    model_revision: str | None = None
+    status: str = "done"
+
+
+# -- stage functions -----------------------------------------------------------------------------
+
+def plan_chunks(info: RasterInfo, chunk_size: int) -> list[Region]:
+    """Chunk regions aligned to the file's internal blocks (native grid only)."""
+    bh, bw = info.block if not info.resampled else (0, 0)
+    return chunk_regions(info.height, info.width, aligned_chunk(chunk_size, bh), aligned_chunk(chunk_size, bw))
+
+
+def tile_batches(rgb: np.ndarray, valid: np.ndarray, window: Region, tiles: Sequence[Region],
+                 batch_size: int) -> Iterator[tuple[list[Region], np.ndarray]]:
+    """Yield (tiles, (N, 3, T, T) array) batches; padded with zeros, fully masked tiles skipped."""
+    batch: list[Region] = []
+    arrays: list[np.ndarray] = []
+    for t in tiles:
+        inside = t.intersection(window)
+        src = inside.slices(within=window)
+        if not valid[src].any():
+            continue
+        arr = np.zeros((3, t.height, t.width), np.float32)
+        arr[(slice(None), *inside.slices(within=t))] = rgb[(slice(None), *src)]
+        batch.append(t)
+        arrays.append(arr)
+        if len(batch) == batch_size:
+            yield batch, np.stack(arrays)
+            batch, arrays = [], []
+    if batch:
+        yield batch, np.stack(arrays)
+
+
+def blend_chunk(segmenter, embeddings, rgb: np.ndarray, valid: np.ndarray, window: Region,
+                region: Region, info: RasterInfo, n_prompts: int, tile_size: int, stride: int,
+                batch_size: int) -> tuple[np.ndarray, int, int]:
+    """Blended probabilities (P, h, w) for ``region`` from the halo image ``rgb`` at ``window``."""
+    tiles = tiles_touching(region, info.height, info.width, tile_size, stride)
+    acc, wsum = new_accumulators(region, n_prompts)
+    used = 0
+    for batch, arrays in tile_batches(rgb, valid, window, tiles, batch_size):
+        probs = segmenter.predict(arrays, embeddings)
+        used += len(batch)
+        for t, p in zip(batch, probs):
+            accumulate(acc, wsum, region, t, p, tile_weights(t, info.height, info.width, tile_size, stride))
+    own_valid = valid[region.slices(within=window)]
+    return normalise(acc, wsum, own_valid), len(tiles), used
+
+
+def run_chunk(job: ChunkJob) -> ChunkResult:
+    """The chunk task: read halo → tiles → model → blend → write part → polygonize own region."""
+    start = time.perf_counter()
+    region, info = job.region, job.info
+    segmenter, embeddings = cached_segmenter(job.factory, job.prompts)
+    window = halo(tiles_touching(region, info.height, info.width, job.tile_size, job.stride),
+                  info.height, info.width)
+    with open_input(info) as src:
+        rgb, valid = read_rgb(src, info, window)
+    probs, n_tiles, used = blend_chunk(segmenter, embeddings, rgb, valid, window, region, info,
+                                       len(job.prompts), job.tile_size, job.stride, job.batch_size)
+    del rgb
+    write_part(job.path(".tif"), probs, info, region, job.prompts)
+    pieces = polygonize_chunk(probs, valid[region.slices(within=window)], region.row, region.col,
+                              job.thresholds)
+    write_pieces(job.path(".pieces"), pieces)
+    result = ChunkResult(
+        name=region.name, region=region, tiles=n_tiles, model_tiles=used, pieces=len(pieces),
+        seconds=round(time.perf_counter() - start, 3), worker=socket.gethostname() + f":{os.getpid()}",
+        model_revision=getattr(segmenter, "revision", None))
+    # The done-record is written last: its presence is what makes a chunk count as finished.
+    write_json_atomic(job.path(".json"), {"fingerprint": job.fingerprint, **asdict(result)})
+    return result
+
+
+# -- run directory ---------------------------------------------------------------------------
+
+def fingerprint(config: SegmentConfig, info: RasterInfo) -> str:
+    """Hash of everything that determines the output pixels; equal hash = same job (resumable)."""
+    stat = {}
+    with contextlib.suppress(OSError):
+        st = os.stat(config.input)
+        stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    blob = json.dumps({**config.pixel_options(), **stat, "grid": [info.width, info.height]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_run_dir(run_dir: Path, fp: str, overwrite: bool) -> set[str]:
+    """Create or reuse the run directory; returns names of chunks a previous run finished.
+
+    A directory holding a run of the same job is resumed. Anything else that exists is refused
+    unless ``overwrite`` is set, and then only geoseg's own files are removed: nothing a user made
+    is deleted.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputExistsError(f"{run_dir}: exists and is not a directory; choose another -o")
+    manifest = run_dir / MANIFEST
+    previous = None
+    if manifest.exists():
+        with contextlib.suppress(ValueError, OSError):
+            previous = json.loads(manifest.read_text()).get("fingerprint")
+    busy = run_dir.exists() and any(run_dir.iterdir())
+    if busy and previous != fp:
+        if not overwrite:
+            what = ("holds a geoseg run with different input or options" if previous
+                    else "exists and is not a geoseg run directory")
+            raise OutputExistsError(f"{run_dir}: {what}; use another -o, or --overwrite to replace geoseg's files there")
+        for name in OWNED:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    (run_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    done = set()
+    for record in (run_dir / PARTS).glob("*.json"):
+        with contextlib.suppress(ValueError, OSError):
+            if json.loads(record.read_text()).get("fingerprint") == fp:
+                done.add(record.stem)
+    return done
+
+
+# -- running the chunk tasks -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None = None, client=None, workers: int | None = None):
+    """The caller's client, a client of ``scheduler``, or a LocalCluster started for this run."""
+    from distributed import Client, LocalCluster
+
+    if client is not None:
+        yield client
+        return
+    if scheduler:
+        with Client(scheduler) as c:
+            yield c
+        return
+    n = workers or 1
+    threads = max(1, (os.cpu_count() or 1) // n)
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as c:
+        yield c
+
+
+def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int, retries: int,
+                  progress: bool) -> Iterator[ChunkResult]:
+    """Submit chunk tasks keeping at most ``max_in_flight`` queued; yield results as they finish."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    resources = {"GPU": 1} if _cluster_has_gpus(client) else None
+    todo = iter(jobs)
+
+    def submit(job):
+        return client.submit(run_chunk, job, key=f"geoseg-{job.fingerprint}-{job.region.name}",
+                             retries=retries, resources=resources, pure=False)
+
+    pending = as_completed([submit(j) for j in itertools.islice(todo, max_in_flight)])
+    bar = tqdm(total=len(jobs), unit="chunk", disable=not progress, desc="segment")
+    tiles = 0
+    with bar:
+        for future in pending:
+            try:
+                result = future.result()
+            except GeosegError:
+                raise
+            except Exception as exc:  # KilledWorker, CUDA OOM, ...: name the chunk, not a traceback
+                raise ChunkFailedError(f"chunk {future.key} failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                future.release()
+            tiles += result.model_tiles
+            bar.set_postfix(tiles=tiles, refresh=False)
+            bar.update()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.add(submit(nxt))
+            yield result
+
+
+def _cluster_has_gpus(client) -> bool:
+    info = client.scheduler_info()
+    return any(w.get("resources", {}).get("GPU") for w in info.get("workers", {}).values())
+
+
+# -- public entry points --------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    """What ``segment`` returns: where the outputs are and what the run did."""
+
+    run_dir: Path
+    probabilities: Path
+    polygons: Path
+    chunks_run: int
+    chunks_skipped: int
+    model_tiles: int
+    features: int
+    manifest: dict = field(repr=False, default_factory=dict)
+
+
+def segment(config: SegmentConfig, client=None, segmenter_factory: SegmenterFactory | None = None,
+            progress: bool = False) -> RunResult:
+    """Segment ``config.input`` by ``config.prompts`` into ``config.output``; resumable.
+
+    ``client``: an existing ``distributed.Client`` (else ``config.scheduler`` or a LocalCluster).
+    ``segmenter_factory``: picklable zero-argument callable building the model on each worker;
+    default CLIPSeg from ``config.model``.
+    """
+    info = inspect_raster(config.input, config.bands, config.crs, config.resolution)
+    thresholds = config.vector.thresholds_for(len(config.prompts))
+    factory = segmenter_factory or clipseg_factory(config.model, config.revision, config.device)
+    fp = fingerprint(config, info)
+    run_dir = config.output
+    done = prepare_run_dir(run_dir, fp, config.overwrite)
+    regions = plan_chunks(info, config.chunk_size)
+    manifest = _manifest(config, info, fp, regions)
+    write_json_atomic(run_dir / MANIFEST, manifest)
+
+    jobs = [ChunkJob(r, info, config.prompts, thresholds, config.tile_size, config.stride,
+                     config.batch_size, str(run_dir), fp, factory)
+            for r in regions if r.name not in done]
+    for name in done:
+        manifest["chunks"][name]["status"] = "done (resumed)"
+    results = []
+    if jobs:
+        with dask_client(config.scheduler, client, config.workers) as c:
+            if progress and c.dashboard_link:
+                log.warning("Dask dashboard: %s", c.dashboard_link)
+            in_flight = config.max_in_flight or 2 * max(1, len(c.scheduler_info().get("workers", {})))
+            for res in submit_chunks(c, jobs, in_flight, config.retries, progress):
+                results.append(res)
+                manifest["chunks"][res.name].update(status="done", tiles=res.tiles, model_tiles=res.model_tiles,
+                                                     seconds=res.seconds, worker=res.worker)
+    revisions = {r.model_revision for r in results if r.model_revision}
+    if revisions:
+        manifest["model_revision"] = sorted(revisions)[0] if len(revisions) == 1 else sorted(revisions)
+    probs_path = assemble_probabilities(run_dir, regions, info, config.prompts)
+    pieces = [read_pieces(run_dir / PARTS / f"{r.name}.pieces") for r in regions]
+    vec_path, features = write_polygons(run_dir, pieces, regions, info.transform, info.crs,
+                                        config.prompts, config.vector)
+    manifest.update(status="complete", finished=_now(), features=features,
+                    outputs={"probabilities": probs_path.name, "polygons": vec_path.name})
+    write_json_atomic(run_dir / MANIFEST, manifest)
+    return RunResult(run_dir, probs_path, vec_path, len(results), len(done),
+                     sum(r.model_tiles for r in results), features, manifest)
+
+
+def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: RasterInfo,
+                           prompts: Sequence[str]) -> Path:
+    """VRT of the chunk parts → COG with overviews (atomic)."""
+    vrt = run_dir / "probabilities.vrt"
+    write_vrt(vrt, [(r, f"{PARTS}/{r.name}.tif") for r in regions], info, prompts)
+    out = run_dir / PROBABILITIES
+    write_cog(vrt, out)
+    vrt.unlink()
+    return out
+
+
+def write_polygons(run_dir: Path, pieces: list, regions: Sequence[Region], transform, crs,
+                   prompts: Sequence[str], vector: VectorizeConfig) -> tuple[Path, int]:
+    """Merge the chunks' pieces across seams, clean up, and write the vector file once."""
+    merged = merge_seams(pieces, [(r.row, r.col, r.height, r.width) for r in regions])
+    thresholds = vector.thresholds_for(len(prompts))
+    gdf = finalize(merged, transform, crs, prompts, thresholds, min_area=vector.min_area,
+                   fill_holes=vector.fill_holes, simplify=vector.simplify, dst_crs=vector.dst_crs)
+    path = run_dir / ("polygons.gpkg" if vector.vector_format == "gpkg" else "polygons.parquet")
+    write_vector(gdf, path, vector.vector_format, prompts=prompts)
+    if len(gdf) == 0:
+        log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, path)
+    return path, len(gdf)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _manifest(config: SegmentConfig, info: RasterInfo, fp: str, regions: Sequence[Region]) -> dict:
+    options = asdict(config)
+    options["output"] = str(config.output)
+    return {
+        "geoseg_version": __version__, "status": "running", "started": _now(), "fingerprint": fp,
+        "input": config.input, "model": config.model, "model_revision": config.revision,
+        "prompts": list(config.prompts), "options": options,
+        "raster": {"width": info.width, "height": info.height, "crs": info.crs_wkt,
+                   "transform": list(info.transform)[:6], "bands": list(info.bands),
+                   "stretch": [list(s) for s in info.stretch], "resampled": info.resampled},
+        "chunks": {r.name: {"region": [r.row, r.col, r.height, r.width], "status": "pending"} for r in regions},
+    }
+
+
+def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
+    """Re-threshold and re-vectorize a finished run from its probability COG; no model run.
+
+    Reads the COG chunk by chunk on the run's own chunk grid (memory bounded by one chunk) and uses
+    the same polygonize / seam-merge / finalize stages as ``segment``, so the result equals a fresh
+    ``segment`` run at the new threshold.
+    """
+    import rasterio
+
+    run_dir = Path(run_dir)
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise OutputExistsError(f"{run_dir}: not a geoseg run directory (no readable {MANIFEST})") from exc
+    if manifest.get("status") != "complete" or not (run_dir / PROBABILITIES).exists():
+        raise GeosegError(f"{run_dir}: the segment run did not finish; re-run `geoseg segment` to resume it")
+    prompts = tuple(manifest["prompts"])
+    thresholds = vector.thresholds_for(len(prompts))
+    regions = [Region(*c["region"]) for c in manifest["chunks"].values()]
+    pieces = []
+    with rasterio.open(run_dir / PROBABILITIES) as src:
+        transform, crs = src.transform, src.crs
+        for r in regions:
+            probs = src.read(window=((r.row, r.row_stop), (r.col, r.col_stop)))
+            valid = np.isfinite(probs).all(axis=0)
+            pieces.append(polygonize_chunk(probs, valid, r.row, r.col, thresholds))
+    path, features = write_polygons(run_dir, pieces, regions, transform, crs, prompts, vector)
+    manifest.setdefault("vectorize_runs", []).append({"at": _now(), **asdict(vector), "features": features})
+    write_json_atomic(run_dir / MANIFEST, manifest)
+    return path, features

@@ -1,0 +1,66 @@
+"""Deterministic test segmenters (tests only; the product always runs a real model).
+
+``PerPixelFactory`` builds a translation-equivariant model: each output pixel depends only on the
+same input pixel, so a correct tiler/blender must reproduce the whole-image result exactly.
+Factories are module-level classes so they pickle by reference to Dask worker processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class PerPixelSegmenter:
+    """p_k(x) = sigmoid(gain * (w_k · rgb(x) - bias_k)); counts its predict calls."""
+
+    calls = 0  # tiles seen in this process (for resume tests with an in-process cluster)
+
+    def __init__(self, weights, bias, gain=12.0):
+        self.weights = np.asarray(weights, np.float32)  # (P, 3)
+        self.bias = np.asarray(bias, np.float32)        # (P,)
+        self.gain = np.float32(gain)
+
+    def encode_prompts(self, prompts):
+        return list(range(len(prompts)))
+
+    def predict(self, tiles, embeddings):
+        type(self).calls += len(tiles)
+        w, b = self.weights[embeddings], self.bias[embeddings]
+        z = np.einsum("pc,nchw->nphw", w, tiles) - b[None, :, None, None]
+        return (1.0 / (1.0 + np.exp(-self.gain * z))).astype(np.float32)
+
+    def whole_image(self, rgb, prompts_idx=None):
+        """Reference: the model applied to a whole (3, H, W) image at once."""
+        idx = list(range(len(self.weights))) if prompts_idx is None else prompts_idx
+        return self.predict(rgb[None], idx)[0]
+
+
+class PerPixelFactory:
+    """Picklable factory: prompt k responds to colour weights[k] above bias[k]."""
+
+    def __init__(self, weights=((1.0, 0.0, 0.0),), bias=(0.5,), gain=12.0):
+        self.weights, self.bias, self.gain = tuple(map(tuple, weights)), tuple(bias), gain
+
+    def key(self):
+        return ("perpixel", self.weights, self.bias, self.gain)
+
+    def __call__(self):
+        return PerPixelSegmenter(self.weights, self.bias, self.gain)
+
+
+class ZeroCostSegmenter:
+    """Returns zeros at once: measures pipeline overhead (bench only)."""
+
+    def encode_prompts(self, prompts):
+        return len(prompts)
+
+    def predict(self, tiles, embeddings):
+        return np.zeros((tiles.shape[0], embeddings, *tiles.shape[2:]), np.float32)
+
+
+class ZeroCostFactory:
+    def key(self):
+        return ("zero",)
+
+    def __call__(self):
+        return ZeroCostSegmenter()
