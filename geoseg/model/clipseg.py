@@ -47,6 +47,18 @@ def _hub_hint(model: str) -> str:
     )
 
 
+def resolved_revision(model: str, revision: str | None) -> str | None:
+    """The commit hash the weights came from (for the run manifest); None for a local directory."""
+    if os.path.isdir(model):
+        return revision
+    try:
+        from transformers.utils.hub import resolve_revision
+
+        return resolve_revision(model, revision).resolved or revision
+    except Exception:  # best effort: a manifest detail must never fail a run
+        return revision
+
+
 class ClipSegSegmenter:
     """A loaded CLIPSeg model with a shared-encoder, per-prompt-decoder forward pass."""
 
@@ -75,7 +87,7 @@ class ClipSegSegmenter:
             processor = CLIPSegProcessor.from_pretrained(model, revision=revision)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelLoadError(_hub_hint(model)) from exc
-        commit = getattr(net.config, "_commit_hash", None) or revision
+        commit = resolved_revision(model, revision)
         log.info("loaded %s (revision %s, transformers %s)", model, commit, transformers.__version__)
         return cls(net, processor, pick_device(device), model, commit)
 
