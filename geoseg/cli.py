@@ -87,8 +87,11 @@ def handle_errors(f):
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(verbose, debug):
     """Text-prompted segmentation of georeferenced rasters (CLIPSeg + Dask)."""
-    level = logging.WARNING - 10 * min(verbose + (2 if debug else 0), 2)
-    logging.basicConfig(level=level, format="geoseg: %(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("geoseg: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("geoseg")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING - 10 * min(verbose + (2 if debug else 0), 2))
 
 
 @main.command()

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,62 +199,191 @@ def prepare_run_dir(run_dir: Path, fp: str, overwrite: bool) -> set[str]:
 
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, client=None, workers: int | None = None):
-    """The caller's client, a client of ``scheduler``, or a LocalCluster started for this run."""
+    """The caller's client, a client of ``scheduler``, or a LocalCluster started for this run.
+
+    ``scheduler`` is an address (``tcp://host:8786``) or the path of a scheduler file written by
+    ``dask scheduler --scheduler-file`` (the usual hand-off on SLURM/MPI). A caller's client is used
+    as it is and never closed. The LocalCluster runs one single-threaded worker process per
+    ``workers`` and shares the machine's cores between their math libraries.
+    """
     from distributed import Client, LocalCluster
 
     if client is not None:
         yield client
         return
     if scheduler:
-        with Client(scheduler) as c:
+        with _connect(Client, scheduler) as c:
             yield c
         return
     n = workers or 1
     threads = max(1, (os.cpu_count() or 1) // n)
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                       env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as c:
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as c:
         yield c
+
+
+def _connect(Client, scheduler: str):
+    """A client of an existing scheduler; a clear geoseg error (not a timeout traceback) if unreachable."""
+    is_file = scheduler.endswith(".json") and "://" not in scheduler
+    try:
+        return Client(scheduler_file=scheduler) if is_file else Client(scheduler)
+    except (OSError, TimeoutError, ValueError) as exc:
+        what = "read the scheduler file" if is_file else "reach the Dask scheduler at"
+        raise GeosegError(f"cannot {what} {scheduler}: {type(exc).__name__}: {_first_line(exc)}; is the "
+                          "cluster running and may this machine connect to it?") from exc
+
+
+#: Seconds between looks at the cluster's workers (GPU resources, window size) while chunks run.
+_CLUSTER_POLL_S = 5.0
+
+
+@dataclass(frozen=True)
+class _ChunkError:
+    """A chunk task's non-transient failure, returned (not raised) so Dask does not retry it."""
+
+    error: BaseException
+
+
+def _run_chunk_task(job: ChunkJob, io_retries: int) -> ChunkResult | _ChunkError:
+    """The task Dask runs: :func:`run_chunk`, sorting its failures into transient and final.
+
+    * A block that failed to read (:class:`RasterReadError`: network hiccup or corrupt data) is
+      retried here, in place, ``io_retries`` times with a short back-off; if it keeps failing it is
+      final. In-task retries keep the chunk's worker and its loaded model.
+    * Any other geoseg error (bad input, model that cannot load) and out-of-memory errors are final
+      at once: retrying them on another worker would fail the same way.
+    * Everything else (an unexpected OSError, a library crash that raises) is raised, so Dask's own
+      ``retries`` reschedule it. A worker process that dies is rescheduled by the scheduler.
+    """
+    from .errors import RasterReadError
+
+    for attempt in itertools.count():
+        try:
+            return run_chunk(job)
+        except RasterReadError as exc:
+            if attempt >= io_retries:
+                return _ChunkError(exc)
+            log.warning("chunk %s: read failed (attempt %d of %d), retrying: %s",
+                        job.region.name, attempt + 1, io_retries + 1, exc)
+            time.sleep(min(0.5 * 2 ** attempt, 8.0))
+        except GeosegError as exc:
+            return _ChunkError(exc)
+        except MemoryError as exc:
+            return _ChunkError(ChunkFailedError(
+                f"chunk {_describe(job)} ran out of memory (batch size {job.batch_size}): {exc}; "
+                "lower --batch-size or --chunk-size, or give the workers more memory"))
+        except Exception as exc:
+            if type(exc).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+                raise
+            return _ChunkError(ChunkFailedError(
+                f"chunk {_describe(job)} ran out of GPU memory at batch size {job.batch_size}: "
+                f"{_first_line(exc)}; lower --batch-size, or use GPUs with more memory"))
+
+
+def _describe(job: ChunkJob) -> str:
+    r = job.region
+    return f"{r.name} (rows {r.row}..{r.row_stop}, cols {r.col}..{r.col_stop})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int, retries: int,
                   progress: bool) -> Iterator[ChunkResult]:
-    """Submit chunk tasks keeping at most ``max_in_flight`` queued; yield results as they finish."""
-    from distributed import as_completed
+    """Submit chunk tasks keeping a bounded number queued; yield results as they finish.
+
+    The window is ``max_in_flight`` or two tasks per worker, whichever is larger, re-read as
+    workers join (an adaptive cluster scales on queued work, so the window must grow with it).
+    Tasks carry ``resources={"GPU": 1}`` once any worker declares a GPU resource: one chunk (one
+    model) per GPU at a time, and never on CPU-only workers of a mixed cluster. Results are
+    metadata; futures are released as soon as they are read, so the scheduler holds no data.
+
+    A task that killed its worker too often (Dask's ``KilledWorker``) or failed for good raises
+    :class:`ChunkFailedError` naming the chunk and its window; still queued tasks are cancelled.
+    """
+    from distributed import KilledWorker, as_completed
     from tqdm.auto import tqdm
 
-    resources = {"GPU": 1} if _cluster_has_gpus(client) else None
     todo = iter(jobs)
+    by_key: dict[str, ChunkJob] = {}
+    state = {"resources": None, "window": max(1, max_in_flight), "polled": -float("inf")}
+
+    def poll():
+        now = time.monotonic()
+        if now - state["polled"] < _CLUSTER_POLL_S:
+            return
+        state["polled"] = now
+        workers = _workers(client)
+        if _has_gpus(workers):
+            state["resources"] = {"GPU": 1}
+        state["window"] = max(state["window"], 2 * len(workers))
 
     def submit(job):
-        return client.submit(run_chunk, job, key=f"geoseg-{job.fingerprint}-{job.region.name}",
-                             retries=retries, resources=resources, pure=False)
+        key = f"geoseg-{job.fingerprint}-{job.region.name}"
+        by_key[key] = job
+        return client.submit(_run_chunk_task, job, retries, key=key, retries=retries,
+                             resources=state["resources"], pure=False)
 
-    pending = as_completed([submit(j) for j in itertools.islice(todo, max_in_flight)])
+    poll()
+    pending = as_completed([submit(j) for j in itertools.islice(todo, state["window"])])
     bar = tqdm(total=len(jobs), unit="chunk", disable=not progress, desc="segment")
     tiles = 0
-    with bar:
-        for future in pending:
-            try:
-                result = future.result()
-            except GeosegError:
-                raise
-            except Exception as exc:  # KilledWorker, CUDA OOM, ...: name the chunk, not a traceback
-                raise ChunkFailedError(f"chunk {future.key} failed: {type(exc).__name__}: {exc}") from exc
-            finally:
-                future.release()
-            tiles += result.model_tiles
-            bar.set_postfix(tiles=tiles, refresh=False)
-            bar.update()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.add(submit(nxt))
-            yield result
+    try:
+        with bar:
+            for future in pending:
+                job = by_key.pop(future.key)
+                try:
+                    outcome = future.result()
+                except KilledWorker as exc:
+                    raise ChunkFailedError(
+                        f"chunk {_describe(job)}: the worker process running it died repeatedly "
+                        "(killed by the OS for memory, or a crash in a native library); lower "
+                        "--chunk-size or --batch-size, or give workers more memory") from exc
+                except GeosegError:
+                    raise
+                except Exception as exc:  # retries exhausted: name the chunk, not a traceback
+                    raise ChunkFailedError(f"chunk {_describe(job)} failed after {retries} retries: "
+                                           f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                finally:
+                    future.release()
+                if isinstance(outcome, _ChunkError):
+                    raise outcome.error
+                tiles += outcome.model_tiles
+                bar.set_postfix(tiles=tiles, refresh=False)
+                bar.update()
+                poll()
+                while pending.count() < state["window"]:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        break
+                    pending.add(submit(nxt))
+                yield outcome
+    finally:
+        left = list(pending.futures) if hasattr(pending, "futures") else []
+        if left:  # stopped early (error, or the caller closed us): do not leave work queued
+            with contextlib.suppress(Exception):
+                client.cancel(left)
+
+
+def _workers(client) -> dict:
+    """Every worker's info (``scheduler_info`` lists only 5 by default in some distributed versions)."""
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:
+        info = client.scheduler_info()
+    return info.get("workers", {})
+
+
+def _has_gpus(workers: dict) -> bool:
+    return any(w.get("resources", {}).get("GPU") for w in workers.values())
 
 
 def _cluster_has_gpus(client) -> bool:
-    info = client.scheduler_info()
-    return any(w.get("resources", {}).get("GPU") for w in info.get("workers", {}).values())
+    """Whether any worker declares a ``GPU`` resource (``dask worker --resources GPU=1``)."""
+    return _has_gpus(_workers(client))
 
 
 # -- public entry points --------------------------------------------------------------------
@@ -295,16 +425,12 @@ def segment(config: SegmentConfig, client=None, segmenter_factory: SegmenterFact
             for r in regions if r.name not in done]
     for name in done:
         manifest["chunks"][name]["status"] = "done (resumed)"
-    results = []
-    if jobs:
-        with dask_client(config.scheduler, client, config.workers) as c:
-            if progress and c.dashboard_link:
-                log.warning("Dask dashboard: %s", c.dashboard_link)
-            in_flight = config.max_in_flight or 2 * max(1, len(c.scheduler_info().get("workers", {})))
-            for res in submit_chunks(c, jobs, in_flight, config.retries, progress):
-                results.append(res)
-                manifest["chunks"][res.name].update(status="done", tiles=res.tiles, model_tiles=res.model_tiles,
-                                                     seconds=res.seconds, worker=res.worker)
+    try:
+        results = _run_jobs(jobs, config, client, progress, manifest)
+    except BaseException as exc:
+        manifest.update(status="failed", finished=_now(), error=f"{type(exc).__name__}: {exc}")
+        write_json_atomic(run_dir / MANIFEST, manifest)
+        raise
     revisions = {r.model_revision for r in results if r.model_revision}
     if revisions:
         manifest["model_revision"] = sorted(revisions)[0] if len(revisions) == 1 else sorted(revisions)
@@ -317,6 +443,22 @@ def segment(config: SegmentConfig, client=None, segmenter_factory: SegmenterFact
     write_json_atomic(run_dir / MANIFEST, manifest)
     return RunResult(run_dir, probs_path, vec_path, len(results), len(done),
                      sum(r.model_tiles for r in results), features, manifest)
+
+
+def _run_jobs(jobs: Sequence[ChunkJob], config: SegmentConfig, client, progress: bool,
+              manifest: dict) -> list[ChunkResult]:
+    results: list[ChunkResult] = []
+    if not jobs:
+        return results
+    with dask_client(config.scheduler, client, config.workers) as c:
+        if progress and c.dashboard_link:
+            print(f"Dask dashboard: {c.dashboard_link}", file=sys.stderr, flush=True)
+        in_flight = config.max_in_flight or 2 * max(1, len(c.scheduler_info().get("workers", {})))
+        for res in submit_chunks(c, jobs, in_flight, config.retries, progress):
+            results.append(res)
+            manifest["chunks"][res.name].update(status="done", tiles=res.tiles, model_tiles=res.model_tiles,
+                                                 seconds=res.seconds, worker=res.worker)
+    return results
 
 
 def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: RasterInfo,

@@ -761,7 +761,8 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
             sum_p = np.bincount(target, weights=sum_p, minlength=k)
             np.maximum.at(max_p, target, max_p.copy())
             keep = target == np.arange(k)
-            geoms, prompt, n_px, sum_p, max_p = geoms[keep], prompt[keep], n_px[keep], sum_p[keep], max_p[keep]
+            geoms, prompt = geoms[keep], prompt[keep]
+            n_px, sum_p, max_p = n_px[keep], sum_p[keep], max_p[keep]
 
     if min_area > 0:
         area, _ = measure.area_perimeter(geoms)
@@ -780,7 +781,7 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     area, perim = measure.area_perimeter(geoms)
     with np.errstate(invalid="ignore", divide="ignore"):
         compact = np.where(perim > 0, 4 * np.pi * area / perim**2, np.nan)
-    if not measurable_columns(measure):
+    if not measure.measurable:
         area = np.full(len(geoms), np.nan)
         perim = np.full(len(geoms), np.nan)
     parts, part_owner = shapely.get_parts(geoms, return_index=True)
@@ -808,11 +809,6 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     if dst_crs is not None:
         gdf = _reproject(gdf, transform, dst_crs)
     return gdf
-
-
-def measurable_columns(measure: _Measure) -> bool:
-    """Whether ``area_m2``/``perimeter_m`` can be filled (the CRS has known units)."""
-    return measure.measurable
 
 
 #: Densification step before reprojection, in source pixels: long straight pixel edges become

@@ -41,8 +41,7 @@ SHAPES = [RECT, L_SHAPE, RING, ISLAND, DIAG_A, DIAG_B, BIG]
 def burn(geoms, shape=(H, W)) -> np.ndarray:
     """Mask of pixels whose centre is inside any of the geometries."""
     rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
-    pts = shapely.points(cols.ravel() + 0.5, rows.ravel() + 0.5)
-    inside = np.zeros(pts.shape, bool)
+    inside = np.zeros(rows.size, bool)
     for g in geoms:
         inside |= shapely.contains_xy(g, cols.ravel() + 0.5, rows.ravel() + 0.5)
     return inside.reshape(shape)

@@ -82,6 +82,7 @@ class ClipSegSegmenter:
     def load(cls, model: str = DEFAULT_MODEL, revision: str | None = None,
              device: str = "auto") -> "ClipSegSegmenter":
         """Load weights and processor with ``from_pretrained`` (hub id, HF cache or local dir)."""
+        transformers.utils.logging.disable_progress_bar()  # geoseg shows its own progress
         try:
             net = CLIPSegForImageSegmentation.from_pretrained(model, revision=revision)
             processor = CLIPSegProcessor.from_pretrained(model, revision=revision)
