@@ -519,9 +519,12 @@ def merge_seams(pieces_list: Sequence[Pieces], chunk_regions: Sequence[Any]) -> 
 class _Measure:
     """How to turn geometry in CRS units into metres and square metres.
 
-    * projected (or other linear) CRS: planar area/length × the axis unit's metres-per-unit
-      (e.g. US survey feet → 0.3048006…). Planar: map-projection scale distortion is not removed.
     * geographic CRS: geodesic area/perimeter on the CRS's own ellipsoid (``pyproj.Geod``).
+    * projected CRS on a known ellipsoid: vertices are unprojected to its geographic CRS and measured
+      geodesically too, so a Web Mercator scene at 60° N does not report areas 4× too large (QGIS
+      measures ellipsoidally the same way).
+    * other linear CRSs (engineering, no ellipsoid): planar area/length × the axis unit's
+      metres-per-unit (e.g. US survey feet → 0.3048006…).
     * no CRS / unknown units: not measurable — ``area_m2`` is NaN and area options use CRS units².
     """
 
@@ -549,6 +552,9 @@ class _Measure:
             if geod is not None:
                 self.kind, self.geod = "geodesic", geod
                 self.factor = math.degrees(axis.unit_conversion_factor)  # CRS unit → degrees
+        elif c.is_projected and c.geodetic_crs is not None and c.get_geod() is not None:
+            self.kind, self.geod = "projected", c.get_geod()
+            self.to_geographic = pyproj.Transformer.from_crs(c, c.geodetic_crs, always_xy=True)
         elif c.is_projected or (getattr(c, "is_engineering", False) and axis.unit_name.lower() in
                                 ("metre", "meter", "foot", "us survey foot", "kilometre")):
             self.kind, self.factor = "planar", float(axis.unit_conversion_factor)
@@ -559,8 +565,11 @@ class _Measure:
 
     def area_perimeter(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Area (m², or CRS units² when not measurable) and perimeter (m, or CRS units)."""
-        if self.kind == "geodesic":
-            g = geoms if self.factor == 1.0 else shapely.transform(geoms, lambda xy: xy * self.factor)
+        if self.kind in ("geodesic", "projected"):
+            if self.kind == "projected":
+                g = shapely.transform(geoms, lambda xy: np.column_stack(self.to_geographic.transform(xy[:, 0], xy[:, 1])))
+            else:
+                g = geoms if self.factor == 1.0 else shapely.transform(geoms, lambda xy: xy * self.factor)
             g = shapely.orient_polygons(g, exterior_cw=False)
             area = np.empty(len(g))
             perim = np.empty(len(g))

@@ -76,7 +76,7 @@ def test_polygons_match_true_shapes(tmp_path, inproc_client, kind):
         got = gdf[gdf.intersects(want.centroid)]
         assert len(got) == 1
         assert iou(got.geometry.iloc[0], want) >= 0.99
-        assert got.area_m2.iloc[0] == pytest.approx(want.area, rel=1e-9)
+        assert got.area_m2.iloc[0] == pytest.approx(want.area, rel=2e-3)  # ellipsoidal vs UTM plane
     assert (gdf.prompt == "red").all() and (gdf.mean_prob > 0.9).all() and (gdf.max_prob <= 1).all()
 
 
@@ -103,7 +103,7 @@ def test_min_area_applies_after_merge(tmp_path, inproc_client):
     assert result.chunks_run == 4
     gdf = read(result)
     assert len(gdf) == 1
-    assert gdf.area_m2.iloc[0] == pytest.approx(900)
+    assert gdf.area_m2.iloc[0] == pytest.approx(900, rel=2e-3)
 
 
 def test_vectorize_equals_fresh_segment(tmp_path, inproc_client):

@@ -237,6 +237,15 @@ def test_write_read_and_pickle_roundtrip(tmp_path, scene):
 UTM = "EPSG:32633"
 
 
+def ellipsoidal_area(geom, crs):
+    """Independent reference: unproject with pyproj and measure on the CRS's ellipsoid."""
+    c = pyproj.CRS(crs)
+    to_geo = pyproj.Transformer.from_crs(c, c.geodetic_crs, always_xy=True)
+    lonlat = shapely.transform(geom, lambda xy: np.column_stack(to_geo.transform(xy[:, 0], xy[:, 1])))
+    area, perim = c.get_geod().geometry_area_perimeter(shapely.orient_polygons(lonlat))
+    return abs(area), perim
+
+
 def test_min_area_after_merge_keeps_large_object_built_from_small_pieces():
     mask = np.zeros((64, 64), bool)
     mask[4:44, 4:44] = True  # 1600 px, every 8x8 chunk holds at most 64 px of it
@@ -247,7 +256,8 @@ def test_min_area_after_merge_keeps_large_object_built_from_small_pieces():
     gdf = finalize(merged, Affine(2, 0, 500000, 0, -2, 4000000), UTM, ["blob"], [0.5], min_area=1000)
     assert len(gdf) == 1
     assert gdf.pixels.iloc[0] == 1600
-    assert gdf.area_m2.iloc[0] == pytest.approx(1600 * 4)
+    assert gdf.area_m2.iloc[0] == pytest.approx(ellipsoidal_area(gdf.geometry.iloc[0], UTM)[0], rel=1e-9)
+    assert gdf.area_m2.iloc[0] == pytest.approx(1600 * 4, rel=2e-3)  # UTM scale error < 0.1 %
     assert gdf.geometry.iloc[0].area == pytest.approx(6400)
 
 
@@ -333,7 +343,7 @@ def test_transforms_match_true_shape(scene, name):
         assert iou >= 0.99
         assert got.exterior.is_ccw  # consistent orientation whatever the determinant sign
         assert all(not r.is_ccw for r in got.interiors)
-        assert hits.area_m2.iloc[0] == pytest.approx(truth_px.area * 0.25)
+        assert hits.area_m2.iloc[0] == pytest.approx(ellipsoidal_area(truth, UTM)[0], rel=1e-6)
 
 
 def test_geographic_area_is_geodesic():
@@ -363,8 +373,11 @@ def test_us_survey_feet_area():
     tr = Affine(10, 0, 6000000, 0, -10, 2100000)
     gdf = finalize(merged, tr, "EPSG:2227", ["x"], [0.5])
     ft = 1200 / 3937
-    assert gdf.area_m2.iloc[0] == pytest.approx((1000 * ft) ** 2, rel=1e-9)
-    assert gdf.perimeter_m.iloc[0] == pytest.approx(4000 * ft, rel=1e-9)
+    area, perim = ellipsoidal_area(gdf.geometry.iloc[0], "EPSG:2227")
+    assert gdf.area_m2.iloc[0] == pytest.approx(area, rel=1e-9)
+    assert gdf.perimeter_m.iloc[0] == pytest.approx(perim, rel=1e-9)
+    # the feet are converted: within the Lambert projection's scale error of the planar figure
+    assert gdf.area_m2.iloc[0] == pytest.approx((1000 * ft) ** 2, rel=2e-3)
     assert gdf.geometry.iloc[0].area == pytest.approx(1000 * 1000)  # geometry stays in feet
 
 
@@ -400,10 +413,10 @@ def test_antimeridian_split(src, tr):
     assert maxx.max() == pytest.approx(180) and minx.min() == pytest.approx(-180)
     width = float(np.sum(maxx - minx))
     assert 0.1 < width < 1.0  # ~30-36 km, not 360°
-    # area_m2 is planar in a projected CRS: it matches the geodesic area up to the projection's
-    # scale error (1/cos²(9°) ≈ 1.025 for the Mercator scene, < 0.1% for UTM)
+    # area_m2 is ellipsoidal in a projected CRS too: the Mercator scene's 1/cos²(9°) ≈ 1.025 planar
+    # inflation is not in it, so it matches the geodesic area of the split lon/lat polygon
     geod = pyproj.Geod(ellps="WGS84")
-    assert abs(geod.geometry_area_perimeter(g)[0]) == pytest.approx(native.area_m2.iloc[0], rel=0.03)
+    assert abs(geod.geometry_area_perimeter(g)[0]) == pytest.approx(native.area_m2.iloc[0], rel=2e-3)
     assert gdf.area_m2.iloc[0] == native.area_m2.iloc[0]
 
 
