@@ -145,3 +145,18 @@ def test_uint16_uses_one_global_stretch(tmp_path, inproc_client):
         right, _ = read_rgb(ds, info, Region(0, 250, 500, 250))
     assert left.mean() > 2 * right.mean()
     assert 0 <= right.min() and left.max() <= 1
+
+
+def test_resolution_reads_a_coarser_grid(tmp_path, inproc_client, perpixel):
+    data = scene(800, 1000, seed=8)
+    src = write(tmp_path / "in.tif", data)  # 0.5 m pixels
+    result = run(tmp_path, src, inproc_client, perpixel, resolution=1.0, chunk_size=352)
+    with rasterio.open(result.probabilities) as ds:
+        assert (ds.width, ds.height) == (500, 400)
+        assert ds.transform == NORTH_UP * Affine.scale(2)
+        got = ds.read()
+    # reference: the model on the 2x2 block mean of the image (GDAL 'average' resampling)
+    mean = data.reshape(3, 400, 2, 500, 2).astype(np.float64).mean(axis=(2, 4))
+    ref = perpixel().whole_image((mean / 255).astype(np.float32))
+    assert np.abs(got - ref).max() < 0.02
+    assert json.loads((result.run_dir / "manifest.json").read_text())["raster"]["resampled"] is True
