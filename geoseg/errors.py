@@ -47,5 +47,9 @@ class OutputExistsError(GeosegError, FileExistsError):
     """The output path holds something that is not a previous run of the same job."""
 
 
+class NotARunError(GeosegError, ValueError):
+    """A directory given as a run is not a finished geoseg run (no manifest, unfinished, outputs missing)."""
+
+
 class ChunkFailedError(GeosegError, RuntimeError):
     """A chunk task failed for a reason that retrying will not fix; the message names the chunk."""

@@ -28,7 +28,7 @@ import numpy as np
 from . import __version__
 from .blend import accumulate, new_accumulators, normalise
 from .config import SegmentConfig, VectorizeConfig
-from .errors import ChunkFailedError, GeosegError, OutputExistsError
+from .errors import ChunkFailedError, GeosegError, NotARunError, OutputExistsError
 from .export import write_json_atomic, write_vector
 from .model import SegmenterFactory, cached_segmenter, clipseg_factory
 from .raster import RasterInfo, inspect_raster, open_input, read_rgb, write_cog, write_part, write_vrt
@@ -339,9 +339,10 @@ def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int, retries:
                     outcome = future.result()
                 except KilledWorker as exc:
                     raise ChunkFailedError(
-                        f"chunk {_describe(job)}: the worker process running it died repeatedly "
-                        "(killed by the OS for memory, or a crash in a native library); lower "
-                        "--chunk-size or --batch-size, or give workers more memory") from exc
+                        f"chunk {_describe(job)}: the worker processes running it died repeatedly "
+                        "(killed by the OS for memory, or a crash in a native library; the cause may "
+                        "also be a chunk queued beside it on those workers); lower --chunk-size or "
+                        "--batch-size, or give workers more memory") from exc
                 except GeosegError:
                     raise
                 except Exception as exc:  # retries exhausted: name the chunk, not a traceback
@@ -504,6 +505,23 @@ def _manifest(config: SegmentConfig, info: RasterInfo, fp: str, regions: Sequenc
     }
 
 
+def load_finished_run(run_dir: Path) -> dict:
+    """The manifest of a finished ``segment`` run, or one clear :class:`NotARunError`."""
+    if not run_dir.is_dir():
+        raise NotARunError(f"{run_dir}: no such run directory")
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise NotARunError(f"{run_dir}: not a geoseg run directory (no readable {MANIFEST})") from exc
+    if not isinstance(manifest, dict) or "prompts" not in manifest:
+        raise NotARunError(f"{run_dir}: {MANIFEST} is not a geoseg run manifest")
+    if manifest.get("status") != "complete":
+        raise NotARunError(f"{run_dir}: the segment run did not finish; re-run `geoseg segment` to resume it")
+    if not (run_dir / PROBABILITIES).exists():
+        raise NotARunError(f"{run_dir}: {PROBABILITIES} is missing; re-run `geoseg segment` there")
+    return manifest
+
+
 def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
     """Re-threshold and re-vectorize a finished run from its probability COG; no model run.
 
@@ -514,12 +532,7 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
     import rasterio
 
     run_dir = Path(run_dir)
-    try:
-        manifest = json.loads((run_dir / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise OutputExistsError(f"{run_dir}: not a geoseg run directory (no readable {MANIFEST})") from exc
-    if manifest.get("status") != "complete" or not (run_dir / PROBABILITIES).exists():
-        raise GeosegError(f"{run_dir}: the segment run did not finish; re-run `geoseg segment` to resume it")
+    manifest = load_finished_run(run_dir)
     prompts = tuple(manifest["prompts"])
     thresholds = vector.thresholds_for(len(prompts))
     regions = [Region(*c["region"]) for c in manifest["chunks"].values()]
@@ -532,5 +545,6 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
             pieces.append(polygonize_chunk(probs, valid, r.row, r.col, thresholds))
     path, features = write_polygons(run_dir, pieces, regions, transform, crs, prompts, vector)
     manifest.setdefault("vectorize_runs", []).append({"at": _now(), **asdict(vector), "features": features})
+    manifest["outputs"]["polygons"] = path.name
     write_json_atomic(run_dir / MANIFEST, manifest)
     return path, features
