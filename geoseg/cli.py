@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import CHUNK_SIZE, DEFAULT_MODEL, DEFAULT_THRESHOLD, STRIDE, TILE_SIZE, SegmentConfig, VectorizeConfig
+from .config import (CHUNK_SIZE, DEFAULT_MODEL, DEFAULT_THRESHOLD, GDAL_CACHEMAX_MB, STRIDE, TILE_SIZE,
+                     SegmentConfig, VectorizeConfig)
 from .errors import GeosegError
 
 
@@ -87,6 +89,8 @@ def handle_errors(f):
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(verbose, debug):
     """Text-prompted segmentation of georeferenced rasters (CLIPSeg + Dask)."""
+    # GDAL reads this once, at its first block read: bound this process's cache like the workers'.
+    os.environ.setdefault("GDAL_CACHEMAX", GDAL_CACHEMAX_MB)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("geoseg: %(levelname)s: %(message)s"))
     logger = logging.getLogger("geoseg")
@@ -126,6 +130,9 @@ def main(verbose, debug):
               help="Worker processes of the local Dask cluster started for the run [default: 1].")
 @click.option("--scheduler", default=None,
               help="Address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster.")
+@click.option("--max-in-flight", type=int, default=None,
+              help="Chunk tasks queued on the cluster at once [default: 2 per worker]. Bounds scheduler "
+                   "and client memory for huge rasters.")
 @click.option("--overwrite", is_flag=True, help="Replace geoseg's files in an output directory holding another job.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @vector_options

@@ -22,6 +22,9 @@ STRIDE = 264
 #: Chunk = one Dask task; several thousand px keeps the halo re-read overhead at a few per cent.
 CHUNK_SIZE = 4096
 DEFAULT_THRESHOLD = 0.5
+#: GDAL's block cache defaults to 5 % of RAM per process and fills as a run reads on; bounded for
+#: the workers geoseg starts (and by the CLI for itself) so memory follows the chunk size only.
+GDAL_CACHEMAX_MB = "256"
 
 
 def _as_tuple(value, kind) -> tuple:
@@ -125,7 +128,3 @@ class SegmentConfig:
             "resolution": self.resolution, "tile_size": self.tile_size, "stride": self.stride,
             "chunk_size": self.chunk_size, "threshold": list(self.vector.threshold),
         }
-
-
-def as_prompts(values: Sequence[str]) -> tuple[str, ...]:
-    return tuple(v.strip() for v in values)

@@ -27,10 +27,10 @@ import numpy as np
 
 from . import __version__
 from .blend import accumulate, new_accumulators, normalise
-from .config import SegmentConfig, VectorizeConfig
+from .config import GDAL_CACHEMAX_MB, SegmentConfig, VectorizeConfig
 from .errors import ChunkFailedError, GeosegError, NotARunError, OutputExistsError
 from .export import write_json_atomic, write_vector
-from .model import SegmenterFactory, cached_segmenter, clipseg_factory
+from .model import SegmenterFactory, cached_segmenter, clipseg_factory, encode_prompts
 from .raster import RasterInfo, inspect_raster, open_input, read_rgb, write_cog, write_part, write_vrt
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
 from .vectorize import finalize, merge_seams, polygonize_chunk, read_pieces, write_pieces
@@ -123,11 +123,14 @@ def blend_chunk(segmenter, embeddings, rgb: np.ndarray, valid: np.ndarray, windo
     return normalise(acc, wsum, own_valid), len(tiles), used
 
 
-def run_chunk(job: ChunkJob) -> ChunkResult:
-    """The chunk task: read halo → tiles → model → blend → write part → polygonize own region."""
+def run_chunk(job: ChunkJob, embeddings: Any) -> ChunkResult:
+    """The chunk task: read halo → tiles → model → blend → write part → polygonize own region.
+
+    ``embeddings`` are the run's prompt embeddings (:func:`geoseg.model.encode_prompts`).
+    """
     start = time.perf_counter()
     region, info = job.region, job.info
-    segmenter, embeddings = cached_segmenter(job.factory, job.prompts)
+    segmenter = cached_segmenter(job.factory)
     window = halo(tiles_touching(region, info.height, info.width, job.tile_size, job.stride),
                   info.height, info.width)
     with open_input(info) as src:
@@ -217,9 +220,10 @@ def dask_client(scheduler: str | None = None, client=None, workers: int | None =
         return
     n = workers or 1
     threads = max(1, (os.cpu_count() or 1) // n)
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "GDAL_CACHEMAX": os.environ.get("GDAL_CACHEMAX", GDAL_CACHEMAX_MB)}
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as c:
+                      env=env, silence_logs=logging.CRITICAL) as cluster, Client(cluster) as c:
         yield c
 
 
@@ -245,7 +249,7 @@ class _ChunkError:
     error: BaseException
 
 
-def _run_chunk_task(job: ChunkJob, io_retries: int) -> ChunkResult | _ChunkError:
+def _run_chunk_task(job: ChunkJob, embeddings: Any, io_retries: int) -> ChunkResult | _ChunkError:
     """The task Dask runs: :func:`run_chunk`, sorting its failures into transient and final.
 
     * A block that failed to read (:class:`RasterReadError`: network hiccup or corrupt data) is
@@ -260,7 +264,7 @@ def _run_chunk_task(job: ChunkJob, io_retries: int) -> ChunkResult | _ChunkError
 
     for attempt in itertools.count():
         try:
-            return run_chunk(job)
+            return run_chunk(job, embeddings)
         except RasterReadError as exc:
             if attempt >= io_retries:
                 return _ChunkError(exc)
@@ -291,12 +295,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int, retries: int,
+def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int | None, retries: int,
                   progress: bool) -> Iterator[ChunkResult]:
     """Submit chunk tasks keeping a bounded number queued; yield results as they finish.
 
-    The window is ``max_in_flight`` or two tasks per worker, whichever is larger, re-read as
-    workers join (an adaptive cluster scales on queued work, so the window must grow with it).
+    The window is ``max_in_flight`` when given, else two tasks per worker, re-read as workers
+    join (an adaptive cluster scales on queued work, so the window must grow with it).
+    The prompts are encoded once, by the first task, and its small result feeds every chunk task.
     Tasks carry ``resources={"GPU": 1}`` once any worker declares a GPU resource: one chunk (one
     model) per GPU at a time, and never on CPU-only workers of a mixed cluster. Results are
     metadata; futures are released as soon as they are read, so the scheduler holds no data.
@@ -309,7 +314,7 @@ def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int, retries:
 
     todo = iter(jobs)
     by_key: dict[str, ChunkJob] = {}
-    state = {"resources": None, "window": max(1, max_in_flight), "polled": -float("inf")}
+    state = {"resources": None, "window": max_in_flight or 2, "polled": -float("inf")}
 
     def poll():
         now = time.monotonic()
@@ -319,15 +324,20 @@ def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int, retries:
         workers = _workers(client)
         if _has_gpus(workers):
             state["resources"] = {"GPU": 1}
-        state["window"] = max(state["window"], 2 * len(workers))
+        if not max_in_flight:
+            state["window"] = max(state["window"], 2 * len(workers))
 
     def submit(job):
         key = f"geoseg-{job.fingerprint}-{job.region.name}"
         by_key[key] = job
-        return client.submit(_run_chunk_task, job, retries, key=key, retries=retries,
+        return client.submit(_run_chunk_task, job, embeddings, retries, key=key, retries=retries,
                              resources=state["resources"], pure=False)
 
     poll()
+    first = jobs[0]
+    # A few KB: fetched once and sent by value, so no chunk task is tied to the worker that made it.
+    embeddings = client.submit(encode_prompts, first.factory, first.prompts, key=f"geoseg-{first.fingerprint}-prompts",
+                               resources=state["resources"], pure=False).result()
     pending = as_completed([submit(j) for j in itertools.islice(todo, state["window"])])
     bar = tqdm(total=len(jobs), unit="chunk", disable=not progress, desc="segment")
     tiles = 0
@@ -454,8 +464,7 @@ def _run_jobs(jobs: Sequence[ChunkJob], config: SegmentConfig, client, progress:
     with dask_client(config.scheduler, client, config.workers) as c:
         if progress and c.dashboard_link:
             print(f"Dask dashboard: {c.dashboard_link}", file=sys.stderr, flush=True)
-        in_flight = config.max_in_flight or 2 * max(1, len(c.scheduler_info().get("workers", {})))
-        for res in submit_chunks(c, jobs, in_flight, config.retries, progress):
+        for res in submit_chunks(c, jobs, config.max_in_flight, config.retries, progress):
             results.append(res)
             manifest["chunks"][res.name].update(status="done", tiles=res.tiles, model_tiles=res.model_tiles,
                                                  seconds=res.seconds, worker=res.worker)

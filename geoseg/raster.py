@@ -20,11 +20,11 @@ import rasterio
 import rasterio.shutil
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import CRSError, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from .errors import (ConfigError, GeoreferencingError, MissingCRSError, RasterError, RasterOpenError,
+from .errors import (ConfigError, GeoreferencingError, MissingCRSError, RasterOpenError,
                      RasterReadError, UnsupportedDataError)
 from .tiling import Region
 
@@ -56,6 +56,8 @@ class RasterInfo:
     native_height: int
     block: tuple[int, int]
     dtype: str
+    #: No valid pixel at all (nodata/alpha/mask/NaN everywhere): the run is empty by construction.
+    all_masked: bool = False
 
     @property
     def resampled(self) -> bool:
@@ -79,48 +81,107 @@ def _open(path: str):
     except RasterioIOError as exc:
         if not str(path).startswith("/vsi") and not Path(path).exists():
             raise RasterOpenError(f"{path}: no such file") from exc
+        if not str(path).startswith("/vsi") and Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise RasterOpenError(f"{path}: cannot open as a raster: the file is empty (0 bytes)") from exc
         raise RasterOpenError(f"{path}: cannot open as a raster: {_first_line(exc)}") from exc
 
 
+def _horizontal_kind(crs) -> str:
+    """'projected', 'geographic' or what else PROJ calls it (engineering, geocentric, vertical, ...)."""
+    import pyproj
+
+    c = pyproj.CRS.from_wkt(crs.to_wkt()) if not isinstance(crs, pyproj.CRS) else crs
+    if c.is_bound:
+        c = c.source_crs
+    if c.is_compound:
+        c = c.sub_crs_list[0]
+    if c.is_projected:
+        return "projected"
+    if c.is_geographic:
+        return "geographic"
+    name = c.type_name.lower()
+    return name[:-4] if name.endswith(" crs") else name
+
+
 def _check_crs(src, path: str, crs_override: str | None) -> CRS:
+    """The CRS polygons are written in: ``--crs`` if given, else the raster's own.
+
+    The raster's own CRS must be one PROJ can read and place on a body (projected or geographic,
+    any planet). GDAL turns a CRS it cannot resolve (e.g. an EPSG code missing from PROJ's
+    database) into a LOCAL_CS "engineering" CRS that no GIS can place; that is refused like a
+    missing CRS, with ``--crs`` as the fix. ``--crs`` itself may name any CRS with horizontal axes.
+    """
     if crs_override:
         try:
-            return CRS.from_user_input(crs_override)
+            crs = CRS.from_user_input(crs_override)
+            kind = _horizontal_kind(crs)
         except CRSError as exc:
             raise ConfigError(f"--crs {crs_override!r} is not a CRS PROJ understands: {_first_line(exc)}") from exc
+        except Exception as exc:  # pyproj.exceptions.CRSError and friends
+            raise ConfigError(f"--crs {crs_override!r} is not a CRS PROJ understands: {_first_line(exc)}") from exc
+        if kind in ("geocentric", "vertical", "temporal"):
+            raise ConfigError(f"--crs {crs_override!r} is a {kind} CRS; give one with horizontal "
+                              f"(projected or geographic) axes")
+        return crs
     try:
         crs = src.crs
     except CRSError as exc:
-        raise RasterError(f"{path}: PROJ cannot read its CRS ({_first_line(exc)}); pass --crs") from exc
+        raise MissingCRSError(f"{path}: has a CRS PROJ cannot read ({_first_line(exc)}); "
+                              f"pass --crs with the right one") from exc
     if crs is None:
         raise MissingCRSError(f"{path}: the raster has no CRS; if you know it, pass --crs (e.g. --crs EPSG:32633)")
     try:
-        crs.to_wkt()
-    except CRSError as exc:
-        raise RasterError(f"{path}: PROJ cannot read its CRS ({_first_line(exc)}); pass --crs") from exc
+        wkt = crs.to_wkt()
+        kind = _horizontal_kind(crs)
+    except Exception as exc:  # rasterio CRSError or pyproj CRSError
+        raise MissingCRSError(f"{path}: has a CRS PROJ cannot read ({_first_line(exc)}); "
+                              f"pass --crs with the right one") from exc
+    if kind not in ("projected", "geographic"):
+        name = wkt.split('"')[1] if '"' in wkt else wkt[:40]
+        hint = (" (what GDAL makes of a CRS PROJ cannot read, e.g. an EPSG code missing from its database)"
+                if kind == "engineering" else "")
+        raise MissingCRSError(f"{path}: its CRS {name!r} is not a projected or geographic CRS but "
+                              f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} CRS{hint}, so polygons could not "
+                              f"be placed on a map; pass --crs with the right one (e.g. --crs EPSG:32633)")
     return crs
 
 
 def _check_transform(src, path: str) -> Affine:
+    """The full affine geotransform (rotation, shear and south-up allowed), or a clear refusal.
+
+    A raster without a usable geotransform is refused rather than segmented in pixel
+    coordinates: GCP- or RPC-only rasters must be warped first. A real geotransform wins over
+    GCPs/RPCs kept alongside it (GDAL's own rule).
+    """
     t = src.transform
+    usable = not t.is_identity and t.determinant != 0 and all(math.isfinite(v) for v in tuple(t)[:6])
+    if usable:
+        return t
     gcps = src.gcps[0] if src.gcps else []
     if gcps or src.rpcs:
-        kind = "ground control points (GCPs)" if gcps else "RPCs"
+        kind = "ground control points (GCPs)" if gcps else "RPCs (rational polynomial coefficients)"
         raise GeoreferencingError(
-            f"{path}: georeferenced only by {kind}, not an affine geotransform; "
-            f"warp it first, e.g. `gdalwarp -t_srs EPSG:XXXX {path} warped.tif`")
-    if t.is_identity or t.determinant == 0:
-        raise GeoreferencingError(
-            f"{path}: has no usable geotransform ({'identity' if t.is_identity else 'degenerate'}); "
-            f"polygons would be in pixel coordinates: georeference it first (gdal_translate -a_ullr / gdalwarp)")
-    return t
+            f"{path}: georeferenced only by {kind}, not an affine geotransform; warp it first, e.g. "
+            f"`gdalwarp {'-rpc ' if not gcps else ''}-t_srs EPSG:XXXX {path} warped.tif`")
+    what = "identity" if t.is_identity else "degenerate"
+    raise GeoreferencingError(
+        f"{path}: has no usable geotransform ({what}: pixel coordinates, not map coordinates); "
+        f"georeference it first (a world file, gdal_translate -a_ullr, or gdalwarp)")
+
+
+#: Band descriptions (lower case) taken as red/green/blue when no band has a colour interpretation.
+_RGB_NAMES = (("red", "r"), ("green", "g"), ("blue", "b"))
 
 
 def select_bands(src, path: str, bands: Sequence[int]) -> tuple[tuple[int, ...], bool]:
     """Model bands (1 or 3 indexes) and whether band 1 is a palette to expand.
 
-    Default: the red/green/blue bands by colour interpretation; else the first three non-alpha
-    bands (RGB+NIR files); a single non-alpha band is replicated to grey RGB.
+    ``--bands`` wins. Otherwise: a paletted band 1 is expanded through its colour table; else the
+    red/green/blue bands by colour interpretation, else by band description ("red", "green",
+    "blue"); else 3 or 4 non-alpha bands are taken as R,G,B(,NIR) with a warning; a single
+    non-alpha band is replicated to grey RGB. Five or more bands with nothing marking red, green
+    and blue (multispectral) are refused: the first three of those are rarely R,G,B, so the user
+    picks them with ``--bands``. Alpha bands are never model channels (they are the mask).
     """
     ci = list(src.colorinterp)
     if bands:
@@ -133,14 +194,26 @@ def select_bands(src, path: str, bands: Sequence[int]) -> tuple[tuple[int, ...],
     rgb = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
     if all(c in ci for c in rgb):
         return tuple(ci.index(c) + 1 for c in rgb), False
+    names = [(d or "").strip().lower() for d in src.descriptions]
+    by_name = [next((i + 1 for i, n in enumerate(names) if n in alias), None) for alias in _RGB_NAMES]
+    if all(by_name):
+        return tuple(by_name), False
     usable = [i + 1 for i, c in enumerate(ci) if c != ColorInterp.alpha]
     if not usable:
         raise UnsupportedDataError(f"{path}: no band other than alpha to segment")
+    if len(usable) > 4:
+        described = ", ".join(f"{i}={names[i - 1]!r}" for i in usable if names[i - 1])
+        raise UnsupportedDataError(
+            f"{path}: {len(usable)} bands and none marked red/green/blue"
+            f"{f' ({described})' if described else ''}; choose the bands the model sees as R,G,B with "
+            f"--bands (e.g. --bands 4,3,2 for Landsat 8/Sentinel-2 true colour) or one band with --bands N")
     if len(usable) >= 3:
-        if len(usable) > 3:
-            log.warning("%s: no red/green/blue colour interpretation among %d bands; using bands %s "
-                        "(choose with --bands)", path, len(usable), usable[:3])
+        log.warning("%s: no red/green/blue colour interpretation; using bands %s as R,G,B%s "
+                    "(choose others with --bands)", path, usable[:3],
+                    f" and ignoring band {usable[3]}" if len(usable) == 4 else "")
         return tuple(usable[:3]), False
+    if len(usable) == 2:
+        log.warning("%s: two data bands; using band %d as grey (choose with --bands)", path, usable[0])
     return (usable[0],), False
 
 
@@ -160,19 +233,95 @@ def _decimated_shape(height: int, width: int) -> tuple[int, int]:
     return max(1, round(height / f)), max(1, round(width / f))
 
 
-def global_stretch(src, bands: Sequence[int], scale_offset, palette) -> tuple[tuple[float, float], ...]:
+def _may_mask(src, bands: Sequence[int]) -> bool:
+    """Whether any pixel can be masked: a nodata value, alpha, mask band, or a float type (NaN)."""
+    if any(np.dtype(src.dtypes[b - 1]).kind == "f" for b in bands):
+        return True
+    return any(flags != [MaskFlags.all_valid] for flags in src.mask_flag_enums)
+
+
+#: Without overviews, statistics come from this many windows per axis (one block each) ...
+SAMPLE_GRID = 16
+#: ... of at most this many pixels per side.
+SAMPLE_WINDOW = 64
+
+
+def _sample_starts(length: int, block: int) -> tuple[list[int], int]:
+    """Evenly spread window starts along one axis, snapped into one block each where blocks are
+    at least a window long (tiles), and the window length."""
+    size = min(SAMPLE_WINDOW, length)
+    starts = np.linspace(0, length - size, min(SAMPLE_GRID, length)).round().astype(int)
+    if block >= size:
+        starts = starts // block * block
+    return sorted(set(int(s) for s in starts)), size
+
+
+def _sample_windows(src) -> list[Window]:
+    """Up to SAMPLE_GRID² small windows spread evenly over the raster (one block each when tiled)."""
+    bh, bw = src.block_shapes[0]
+    rows, h = _sample_starts(src.height, bh)
+    cols, w = _sample_starts(src.width, bw)
+    return [Window(c, r, w, h) for r in rows for c in cols]
+
+
+def _sample(src, path: str, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Pixels for statistics: ``(bands, N)`` float64 values, ``(N,)`` valid flags, and whether
+    that was every pixel.
+
+    Small rasters are read whole. Larger ones are read decimated (at most STATS_SIZE px on the
+    long side) when they have overviews, which GDAL then serves cheaply; without overviews a
+    decimated read would decode every block of the file, so a grid of small windows (one block
+    each, SAMPLE_GRID² at most) is read instead. Memory is bounded either way.
+    """
+    shape = _decimated_shape(src.height, src.width)
+    exact = shape == (src.height, src.width)
+    try:
+        if exact or src.overviews(bands[0]):
+            data = src.read(list(bands), out_shape=(len(bands), *shape), resampling=Resampling.nearest)
+            valid = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+            data, valid = data.reshape(len(bands), -1), valid.reshape(-1)
+        else:
+            parts = [(src.read(list(bands), window=w).reshape(len(bands), -1),
+                      (src.dataset_mask(window=w) > 0).reshape(-1)) for w in _sample_windows(src)]
+            data = np.concatenate([p[0] for p in parts], axis=1)
+            valid = np.concatenate([p[1] for p in parts])
+    except RasterioError as exc:
+        raise RasterReadError(f"{path}: failed to read a sample of the raster (for statistics): "
+                              f"{_first_line(exc)}") from exc
+    data = data.astype(np.float64)
+    valid &= np.isfinite(data).all(axis=0)
+    return data, valid, exact
+
+
+def _natural_range(src, band: int) -> float:
+    """The largest value of an unsigned 8-bit band: 255, or 2**NBITS - 1 for 1..7-bit data."""
+    try:
+        nbits = int(src.tags(band, ns="IMAGE_STRUCTURE").get("NBITS", 8))
+    except (ValueError, TypeError):
+        nbits = 8
+    return float(2 ** nbits - 1) if 1 <= nbits < 8 else 255.0
+
+
+def global_stretch(src, bands: Sequence[int], scale_offset, palette,
+                   sample: tuple[np.ndarray, np.ndarray, bool] | None = None) -> tuple[tuple[float, float], ...]:
     """Per-band (low, high) mapped to 0..1, computed ONCE per run from a decimated read.
 
-    uint8 and paletted data keep their natural 0..255 range (the colours CLIPSeg saw in training).
-    Other types get a 2–98 % percentile stretch over valid, finite pixels; GDAL serves the decimated
-    read from overviews when the file has them. Per-tile stretches would make tiles disagree.
+    uint8 and paletted data keep their natural 0..255 range (the colours CLIPSeg saw in training),
+    mapped through the band's scale/offset so the model sees the same image with or without those
+    tags (1..7-bit data: 0..2**NBITS-1). Other types get a 2–98 % percentile stretch of the scaled
+    values over valid, finite pixels (negative values, NaN and nodata handled); GDAL serves the
+    decimated read from overviews when the file has them. Per-tile stretches would make tiles
+    disagree.
     """
-    if palette is not None or src.dtypes[bands[0] - 1] == "uint8":
+    if palette is not None:
         return tuple((0.0, 255.0) for _ in bands)
-    shape = _decimated_shape(src.height, src.width)
-    data = src.read(list(bands), out_shape=(len(bands), *shape), resampling=Resampling.nearest).astype(np.float64)
-    valid = src.dataset_mask(out_shape=shape) > 0
-    valid &= np.isfinite(data).all(axis=0)
+    if src.dtypes[bands[0] - 1] == "uint8":
+        out = []
+        for b, (scale, offset) in zip(bands, scale_offset):
+            top = _natural_range(src, b)
+            out.append((offset, top * scale + offset))
+        return tuple(out)
+    data, valid, _ = sample if sample is not None else _sample(src, str(src.name), bands)
     out = []
     for band, (scale, offset) in zip(data, scale_offset):
         values = band[valid] * scale + offset
@@ -184,31 +333,71 @@ def global_stretch(src, bands: Sequence[int], scale_offset, palette) -> tuple[tu
     return tuple(out)
 
 
+def _all_masked(src, path: str, bands: Sequence[int], sample: tuple[np.ndarray, np.ndarray, bool]) -> bool:
+    """True when no pixel is valid. Exact: a sample with no valid pixel is confirmed by a scan of
+    the mask in row strips (bounded memory) unless the sample was the full raster."""
+    _, sample_valid, exact = sample
+    if sample_valid.any():
+        return False
+    if exact:
+        return True
+    floats = any(np.dtype(src.dtypes[b - 1]).kind == "f" for b in bands)
+    rows = max(1, (1 << 22) // max(1, src.width))  # ~4 Mpx per strip
+    for row in range(0, src.height, rows):
+        window = Window(0, row, src.width, min(rows, src.height - row))
+        try:
+            valid = src.dataset_mask(window=window) > 0
+            if valid.any() and floats:
+                valid &= np.isfinite(src.read(list(bands), window=window)).all(axis=0)
+        except RasterioError as exc:
+            raise RasterReadError(f"{path}: failed to read rows {row}..{row + window.height}: "
+                                  f"{_first_line(exc)}") from exc
+        if valid.any():
+            return False
+    return True
+
+
+def _palette(src, band: int) -> tuple[tuple[int, int, int], ...]:
+    cmap = src.colormap(band)
+    size = max(256, max(cmap, default=0) + 1)
+    return tuple(tuple(cmap.get(i, (0, 0, 0, 0))[:3]) for i in range(size))
+
+
 def inspect_raster(path: str, bands: Sequence[int] = (), crs: str | None = None,
                    resolution: float | None = None) -> RasterInfo:
-    """Validate the input and gather everything the chunk tasks need; one clear error otherwise."""
+    """Validate the input and gather everything the chunk tasks need; one clear error otherwise.
+
+    Refuses (a :class:`~geoseg.errors.RasterError` subclass, one line naming the file): files GDAL
+    cannot open, empty rasters, complex data, rasters without a usable affine geotransform (GCP/RPC
+    only, identity), and rasters without a CRS PROJ can place. Logs a warning when every pixel is
+    masked (the run then writes empty outputs without calling the model).
+    """
     src = _open(path)
     with src:
         if src.count == 0 or src.width == 0 or src.height == 0:
             raise RasterOpenError(f"{path}: the raster is empty ({src.width}x{src.height}, {src.count} bands)")
-        if any(np.dtype(d).kind == "c" for d in src.dtypes):
-            raise UnsupportedDataError(f"{path}: complex data ({src.dtypes[0]}) cannot be segmented; "
-                                       f"convert it to amplitude first")
+        complex_types = sorted({d for d in src.dtypes if "complex" in d})
+        if complex_types:
+            raise UnsupportedDataError(f"{path}: complex data ({', '.join(complex_types)}) cannot be segmented; "
+                                       f"convert it to amplitude first (e.g. gdal_calc.py --calc 'abs(A)')")
         transform = _check_transform(src, path)
         crs_obj = _check_crs(src, path, crs)
         chosen, is_palette = select_bands(src, path, bands)
-        palette = None
-        if is_palette:
-            cmap = src.colormap(chosen[0])
-            palette = tuple(tuple(cmap.get(i, (0, 0, 0, 0))[:3]) for i in range(256))
+        palette = _palette(src, chosen[0]) if is_palette else None
         scale_offset = tuple((float(src.scales[b - 1] or 1.0), float(src.offsets[b - 1] or 0.0)) for b in chosen)
-        stretch = global_stretch(src, chosen, scale_offset, palette)
+        needs_sample = _may_mask(src, chosen) or (palette is None and src.dtypes[chosen[0] - 1] != "uint8")
+        sample = _sample(src, path, chosen) if needs_sample else None
+        stretch = global_stretch(src, chosen, scale_offset, palette, sample)
+        empty = sample is not None and _all_masked(src, path, chosen, sample)
+        if empty:
+            log.warning("%s: every pixel is masked (nodata, alpha, mask band or NaN): nothing to segment; "
+                        "the model will not run and the outputs will be empty", path)
         width, height, work_transform = _working_grid(src, transform, resolution)
         return RasterInfo(
             path=str(path), width=width, height=height, transform=work_transform,
             crs_wkt=crs_obj.to_wkt(), bands=chosen, stretch=stretch, scale_offset=scale_offset,
             palette=palette, native_width=src.width, native_height=src.height,
-            block=tuple(src.block_shapes[0]), dtype=src.dtypes[chosen[0] - 1])
+            block=tuple(src.block_shapes[0]), dtype=src.dtypes[chosen[0] - 1], all_masked=empty)
 
 
 def open_input(info: RasterInfo):
@@ -226,8 +415,7 @@ def read_rgb(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.ndar
         sx, sy = info.native_width / info.width, info.native_height / info.height
         window = Window(region.col * sx, region.row * sy, region.width * sx, region.height * sy)
         down = sx > 1 or sy > 1
-        kw = dict(window=window, out_shape=shape,
-                  resampling=Resampling.average if down else Resampling.bilinear)
+        kw = dict(window=window, resampling=Resampling.average if down else Resampling.bilinear)
         mask_kw = dict(window=window, out_shape=shape, resampling=Resampling.nearest)
     else:
         kw = mask_kw = dict(window=Window(region.col, region.row, region.width, region.height))
@@ -240,9 +428,9 @@ def read_rgb(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.ndar
                               f"{_first_line(exc)}") from exc
     if info.palette is not None:
         lut = np.asarray(info.palette, dtype=np.float32)
-        rgb = np.moveaxis(lut[data[0]], -1, 0) / 255.0
+        rgb = np.moveaxis(lut[np.clip(data[0], 0, len(lut) - 1)], -1, 0) / 255.0
     else:
-        data = data.astype(np.float32)
+        data = data.astype(np.float64 if data.dtype == np.float64 else np.float32)
         valid &= np.isfinite(data).all(axis=0)
         rgb = np.empty_like(data)
         for i, ((scale, offset), (lo, hi)) in enumerate(zip(info.scale_offset, info.stretch)):

@@ -110,9 +110,11 @@ def test_resume_skips_finished_chunks(tmp_path, inproc_client, perpixel):
     assert PerPixelSegmenter.calls == again.model_tiles == 4  # only that chunk's 2x2 tiles
     assert json.loads(last.read_text())["name"] == last.stem
     assert np.array_equal(read_probs(again), before, equal_nan=True)
+    cog_bytes = again.probabilities.read_bytes()
     PerPixelSegmenter.calls = 0
     third = run(tmp_path, src, inproc_client, perpixel, chunk_size=400)
     assert third.chunks_run == 0 and PerPixelSegmenter.calls == 0
+    assert third.probabilities.read_bytes() == cog_bytes  # the same file, byte for byte
 
 
 def test_other_job_in_output_dir_is_refused(tmp_path, inproc_client, perpixel):

@@ -11,32 +11,34 @@ from typing import Any, Sequence
 
 from .base import Segmenter, SegmenterFactory
 
-__all__ = ["Segmenter", "SegmenterFactory", "cached_segmenter", "clipseg_factory"]
+__all__ = ["Segmenter", "SegmenterFactory", "cached_segmenter", "clipseg_factory", "encode_prompts"]
 
 _lock = threading.Lock()
-_cache: dict[Any, tuple[Segmenter, dict]] = {}
+_cache: dict[Any, Segmenter] = {}
 
 
 def _key(factory: SegmenterFactory):
     return factory.key() if hasattr(factory, "key") else factory
 
 
-def cached_segmenter(factory: SegmenterFactory, prompts: Sequence[str]) -> tuple[Segmenter, Any]:
-    """The process's segmenter for ``factory`` and its prompt embeddings, built on first use.
+def cached_segmenter(factory: SegmenterFactory) -> Segmenter:
+    """The process's segmenter for ``factory``, built on first use.
 
-    A Dask worker process keeps one model (the last factory asked for) and encodes each prompt set
-    once; chunk tasks after the first pay nothing. The lock makes concurrent worker threads wait
-    for the one load instead of loading the weights twice.
+    A Dask worker process keeps one model (the last factory asked for); chunk tasks after the first
+    pay nothing. The lock makes concurrent worker threads wait for the one load instead of loading
+    the weights twice.
     """
-    key, prompts = _key(factory), tuple(prompts)
+    key = _key(factory)
     with _lock:
         if key not in _cache:
             _cache.clear()
-            _cache[key] = (factory(), {})
-        segmenter, embeddings = _cache[key]
-        if prompts not in embeddings:
-            embeddings[prompts] = segmenter.encode_prompts(prompts)
-        return segmenter, embeddings[prompts]
+            _cache[key] = factory()
+        return _cache[key]
+
+
+def encode_prompts(factory: SegmenterFactory, prompts: Sequence[str]) -> Any:
+    """Prompt embeddings, computed once per run in one task and passed to every chunk task."""
+    return cached_segmenter(factory).encode_prompts(tuple(prompts))
 
 
 def clipseg_factory(model: str, revision: str | None = None, device: str = "auto") -> SegmenterFactory:

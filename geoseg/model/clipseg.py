@@ -95,20 +95,36 @@ class ClipSegSegmenter:
     # -- the Segmenter protocol -------------------------------------------------------------
     @torch.inference_mode()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (P, projection_dim); computed once per run."""
+        """Text embeddings (P, projection_dim) on the CPU: computed once per run, sent to every task."""
         tok = self.tokenizer(list(prompts), padding=True, return_tensors="pt").to(self.device)
         out = self.model.clip.get_text_features(input_ids=tok["input_ids"],
                                                 attention_mask=tok["attention_mask"])
-        return out.pooler_output
+        return out.pooler_output.float().cpu()
 
     @torch.inference_mode()
     def predict(self, tiles: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
-        """Sigmoid probabilities (N, P, T, T) for 0..1 RGB tiles (N, 3, T, T)."""
+        """Sigmoid probabilities (N, P, T, T) for 0..1 RGB tiles (N, 3, T, T).
+
+        On CUDA out-of-memory the batch is halved (down to one tile) before giving up, so a
+        ``--batch-size`` tuned on a bigger GPU still runs; the error propagates only at one tile.
+        """
+        try:
+            return self._predict(tiles, embeddings)
+        except torch.cuda.OutOfMemoryError:
+            if len(tiles) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(tiles) // 2
+            log.warning("CUDA out of memory at %d tiles per batch; retrying in halves", len(tiles))
+            return np.concatenate([self.predict(tiles[:half], embeddings),
+                                   self.predict(tiles[half:], embeddings)])
+
+    def _predict(self, tiles: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.device)
         x = (x - self.mean) / self.std
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
-            logits = self.logits(x, embeddings)
+            logits = self.logits(x, embeddings.to(self.device))
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     # -- the forward pass -------------------------------------------------------------------
