@@ -24,7 +24,8 @@ class RasterOpenError(RasterError, OSError):
 
 
 class MissingCRSError(RasterError):
-    """The raster has no coordinate reference system (``--crs`` supplies one)."""
+    """The raster has no usable CRS: none, one PROJ cannot read or place (a LOCAL_CS made from an
+    unknown EPSG code), or a geocentric one. ``--crs`` supplies one."""
 
 
 class GeoreferencingError(RasterError):

@@ -431,24 +431,32 @@ def segment(config: SegmentConfig, client=None, segmenter_factory: SegmenterFact
     manifest = _manifest(config, info, fp, regions)
     write_json_atomic(run_dir / MANIFEST, manifest)
 
+    # A raster without one valid pixel needs no chunk task: all-nodata COG, empty layer.
+    worked = [] if info.all_masked else regions
     jobs = [ChunkJob(r, info, config.prompts, thresholds, config.tile_size, config.stride,
                      config.batch_size, str(run_dir), fp, factory)
-            for r in regions if r.name not in done]
+            for r in worked if r.name not in done]
     for name in done:
         manifest["chunks"][name]["status"] = "done (resumed)"
     try:
         results = _run_jobs(jobs, config, client, progress, manifest)
+        revisions = sorted({r.model_revision for r in results if r.model_revision})
+        if revisions:
+            manifest["model_revision"] = revisions[0] if len(revisions) == 1 else revisions
+        probs_path = assemble_probabilities(run_dir, worked, info, config.prompts)
+        pieces = [read_pieces(run_dir / PARTS / f"{r.name}.pieces") for r in worked]
+        vec_path, features = write_polygons(run_dir, pieces, worked, info.transform, info.crs,
+                                            config.prompts, config.vector)
     except BaseException as exc:
         manifest.update(status="failed", finished=_now(), error=f"{type(exc).__name__}: {exc}")
         write_json_atomic(run_dir / MANIFEST, manifest)
         raise
-    revisions = {r.model_revision for r in results if r.model_revision}
-    if revisions:
-        manifest["model_revision"] = sorted(revisions)[0] if len(revisions) == 1 else sorted(revisions)
-    probs_path = assemble_probabilities(run_dir, regions, info, config.prompts)
-    pieces = [read_pieces(run_dir / PARTS / f"{r.name}.pieces") for r in regions]
-    vec_path, features = write_polygons(run_dir, pieces, regions, info.transform, info.crs,
-                                        config.prompts, config.vector)
+    if info.all_masked:
+        manifest["empty"] = "every input pixel is masked"
+        for chunk in manifest["chunks"].values():
+            chunk["status"] = "skipped (all masked)"
+    elif features == 0:
+        log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, vec_path)
     manifest.update(status="complete", finished=_now(), features=features,
                     outputs={"probabilities": probs_path.name, "polygons": vec_path.name})
     write_json_atomic(run_dir / MANIFEST, manifest)
@@ -491,8 +499,6 @@ def write_polygons(run_dir: Path, pieces: list, regions: Sequence[Region], trans
                    fill_holes=vector.fill_holes, simplify=vector.simplify, dst_crs=vector.dst_crs)
     path = run_dir / ("polygons.gpkg" if vector.vector_format == "gpkg" else "polygons.parquet")
     write_vector(gdf, path, vector.vector_format, prompts=prompts)
-    if len(gdf) == 0:
-        log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, path)
     return path, len(gdf)
 
 
@@ -553,6 +559,8 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
             valid = np.isfinite(probs).all(axis=0)
             pieces.append(polygonize_chunk(probs, valid, r.row, r.col, thresholds))
     path, features = write_polygons(run_dir, pieces, regions, transform, crs, prompts, vector)
+    if features == 0:
+        log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, path)
     manifest.setdefault("vectorize_runs", []).append({"at": _now(), **asdict(vector), "features": features})
     manifest["outputs"]["polygons"] = path.name
     write_json_atomic(run_dir / MANIFEST, manifest)

@@ -669,7 +669,8 @@ def _split_antimeridian(geoms: np.ndarray) -> np.ndarray:
 
     After reprojection a polygon straddling the antimeridian has vertices near +180 and -180; drawn
     as is it would wrap around the globe. Such polygons (an edge with a longitude jump > 180°) are
-    shifted to 0..360, cut at 180 and the eastern part shifted back by -360.
+    shifted to 0..360, cut at 180 and the eastern part shifted back by -360. Polygons already
+    continuous past ±180 (a no-op reprojection of a lon 170..190 raster) are cut the same way.
     """
     if len(geoms) == 0:
         return geoms
@@ -677,18 +678,23 @@ def _split_antimeridian(geoms: np.ndarray) -> np.ndarray:
     rings, ring_part = shapely.get_rings(parts, return_index=True)
     coords, ring_idx = shapely.get_coordinates(rings, return_index=True)
     jump = (np.abs(np.diff(coords[:, 0])) > 180) & (ring_idx[:-1] == ring_idx[1:])
-    crossing = np.unique(part_owner[ring_part[ring_idx[:-1][jump]]])
+    jumping = np.unique(part_owner[ring_part[ring_idx[:-1][jump]]])
+    bounds = shapely.bounds(geoms)
+    beyond = np.flatnonzero((bounds[:, 0] < -180) | (bounds[:, 2] > 180))
     out = geoms.copy()
     west = shapely.box(-180, -90, 180, 90)
     east = shapely.box(180, -90, 540, 90)
-    for k in crossing:
-        shifted = shapely.transform(geoms[k], lambda xy: np.where(xy[:, :1] < 0, xy + [360, 0], xy))
+    for k in np.union1d(jumping, beyond).astype(int):
+        if k in jumping:
+            shifted = shapely.transform(geoms[k], lambda xy: np.where(xy[:, :1] < 0, xy + [360, 0], xy))
+        else:
+            shifted = shapely.transform(geoms[k], lambda xy: xy + [360, 0]) if bounds[k, 0] < -180 else geoms[k]
         if not shifted.is_valid:
             shifted = shapely.make_valid(shifted)
         a = shapely.intersection(shifted, west)
         b = shapely.transform(shapely.intersection(shifted, east), lambda xy: xy - [360, 0])
         parts = [g for g in shapely.get_parts([a, b]) if g.geom_type == "Polygon" and not g.is_empty]
-        out[k] = shapely.multipolygons(parts)
+        out[k] = shapely.orient_polygons(shapely.multipolygons(parts), exterior_cw=False)
     return out
 
 

@@ -467,3 +467,16 @@ def test_finalize_rejects_mismatched_prompts():
                          (0.5, 0.5))
     with pytest.raises(ConfigError):
         finalize(merged, Affine.identity(), UTM, ["a"], [0.5])
+
+
+def test_antimeridian_split_of_continuous_longitudes():
+    """A native lon 170..190 raster asked for EPSG:4326 output: cut at 180, east part at -180..-170."""
+    mask = np.zeros((20, 40), bool)
+    mask[5:15, 5:35] = True
+    merged = run_chunked(make_probs(mask), np.ones_like(mask), [0, 20], [0, 20, 40])
+    tr = Affine(0.5, 0, 170, 0, -0.5, 5)  # lon 170..190
+    gdf = finalize(merged, tr, "EPSG:4326", ["x"], [0.5], dst_crs="EPSG:4326")
+    g = gdf.geometry.iloc[0]
+    parts = sorted(shapely.get_parts(g), key=lambda p: p.bounds[0])
+    assert [tuple(np.round(p.bounds, 6)) for p in parts] == [(-180, -2.5, -172.5, 2.5), (172.5, -2.5, 180, 2.5)]
+    assert all(p.exterior.is_ccw for p in parts)
