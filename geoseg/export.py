@@ -42,20 +42,20 @@ exactly as QGIS itself does when it saves a style.
 from __future__ import annotations
 
 import colorsys
-import json
-import os
 import sqlite3
-import uuid
-from contextlib import closing, contextmanager
+from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 import geopandas as gpd
 import pandas as pd
 
+from .atomic import atomic_target, write_json_atomic
+
 __all__ = ["write_vector", "write_json_atomic", "style_qml", "style_sld", "prompt_colors"]
+
 
 #: GeoPackage table holding layer styles (QGIS / OGC convention).
 LAYER_STYLES_TABLE = "layer_styles"
@@ -82,70 +82,6 @@ _PALETTE = [
 # --------------------------------------------------------------------------------------------------
 # atomic file helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _temp_sibling(path: Path) -> Path:
-    """A unique hidden name next to ``path`` that keeps its suffix (GDAL picks/validates by suffix)."""
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush ``path`` to stable storage so the rename never exposes a file whose data is lost on a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: Path) -> None:
-    for p in (path, *(path.with_name(path.name + s) for s in ("-journal", "-wal", "-shm"))):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-
-
-@contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success move it over ``path``, on error delete it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
-    try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def write_json_atomic(path: Path | str, obj: Any) -> Path:
-    """Write ``obj`` as pretty JSON to ``path`` via a temp file + :func:`os.replace`.
-
-    Used for run manifests, which a resumed run reads to decide what is already done: a manifest
-    must be either the old one or the new one, never truncated JSON. Non-JSON values (``Path``,
-    numpy scalars, datetimes) are written with ``str()``.
-    """
-    path = Path(path)
-    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"
-    with _atomic_target(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    item = getattr(value, "item", None)  # numpy scalar -> Python scalar
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            pass
-    tolist = getattr(value, "tolist", None)  # numpy array -> list
-    if callable(tolist):
-        return tolist()
-    return str(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,7 +302,7 @@ def write_vector(
     gdf = gdf.reset_index(drop=True)
 
     if fmt in ("parquet", "geoparquet"):
-        with _atomic_target(path) as tmp:
+        with atomic_target(path) as tmp:
             gdf.to_parquet(tmp, index=False)
         return path
     if fmt not in ("gpkg", "geopackage"):
@@ -375,7 +311,7 @@ def write_vector(
     import pyogrio
 
     style_prompts = _prompt_list(gdf, prompts)
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         pyogrio.write_dataframe(
             gdf,
             tmp,

@@ -29,7 +29,8 @@ from . import __version__
 from .blend import accumulate, new_accumulators, normalise
 from .config import GDAL_CACHEMAX_MB, SegmentConfig, VectorizeConfig
 from .errors import ChunkFailedError, GeosegError, NotARunError, OutputExistsError
-from .export import write_json_atomic, write_vector
+from .atomic import write_json_atomic
+from .export import write_vector
 from .model import SegmenterFactory, cached_segmenter, clipseg_factory, encode_prompts
 from .raster import RasterInfo, inspect_raster, open_input, read_rgb, write_cog, write_part, write_vrt
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
@@ -191,7 +192,7 @@ def prepare_run_dir(run_dir: Path, fp: str, overwrite: bool) -> set[str]:
                 target.unlink()
     (run_dir / PARTS).mkdir(parents=True, exist_ok=True)
     done = set()
-    for record in (run_dir / PARTS).glob("*.json"):
+    for record in (run_dir / PARTS).glob("[!.]*.json"):  # not a crashed writer's hidden temp file
         with contextlib.suppress(ValueError, OSError):
             if json.loads(record.read_text()).get("fingerprint") == fp:
                 done.add(record.stem)

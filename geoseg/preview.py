@@ -20,7 +20,6 @@ The PNG appears under its name only when complete (temp file in the same directo
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import uuid

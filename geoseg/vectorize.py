@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -33,7 +33,8 @@ from affine import Affine
 from rasterio import features as _features
 from shapely import GeometryType
 
-from geoseg.errors import ConfigError
+from .atomic import atomic_target
+from .errors import ConfigError
 
 __all__ = [
     "Pieces",
@@ -295,26 +296,12 @@ def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
 def write_pieces(path: str | os.PathLike, pieces: Pieces) -> None:
     """Save one chunk's pieces to ``path`` (an uncompressed ``.npz``), atomically.
 
-    Written to a temporary name in the same directory, fsynced, then ``os.replace``-d into place,
-    so a reader (or a resumed run) sees either the complete old file, the complete new file, or no
-    file — never a truncated one. ``.npz`` with ``allow_pickle=False`` is fast, dependency-free and
+    A reader (or a resumed run) sees the complete old file, the complete new file, or no file —
+    never a truncated one (:mod:`geoseg.atomic`). ``.npz`` with ``allow_pickle=False`` is fast, dependency-free and
     cannot execute code when read back.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **pieces.to_arrays())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_target(Path(path)) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **pieces.to_arrays())
 
 
 def read_pieces(path: str | os.PathLike) -> Pieces:

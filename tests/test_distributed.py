@@ -23,7 +23,7 @@ import rasterio
 import geoseg
 from geoseg.pipeline import dask_client
 
-from .faulty_models import BIAS, WEIGHTS, KillOnceFactory, OutOfMemoryFactory, SlowFactory
+from .faulty_models import BIAS, WEIGHTS, KillOnceFactory, OutOfMemoryFactory
 from .models import PerPixelFactory
 from .rasters import scene, write
 

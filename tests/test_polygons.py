@@ -13,7 +13,6 @@ import geopandas as gpd
 import numpy as np
 import pyogrio
 import pytest
-import rasterio
 import shapely
 from affine import Affine
 from shapely.geometry import box

@@ -14,7 +14,7 @@ from geoseg.raster import inspect_raster, open_input, read_rgb
 from geoseg.tiling import Region
 
 from .models import PerPixelSegmenter
-from .rasters import NORTH_UP, UTM33, scene, write
+from .rasters import NORTH_UP, scene, write
 
 
 def run(tmp_path, src, client, factory, name="out", prompts=("red roof", "blue pool"), **kw):
