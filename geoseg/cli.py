@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import (CHUNK_SIZE, DEFAULT_MODEL, DEFAULT_THRESHOLD, GDAL_CACHEMAX_MB, STRIDE, TILE_SIZE,
-                     SegmentConfig, VectorizeConfig)
+from .config import CHUNK_SIZE, DEFAULT_MODEL, DEFAULT_THRESHOLD, STRIDE, TILE_SIZE, SegmentConfig, VectorizeConfig
 from .errors import GeosegError
 
 
@@ -89,8 +87,6 @@ def handle_errors(f):
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(verbose, debug):
     """Text-prompted segmentation of georeferenced rasters (CLIPSeg + Dask)."""
-    # GDAL reads this once, at its first block read: bound this process's cache like the workers'.
-    os.environ.setdefault("GDAL_CACHEMAX", GDAL_CACHEMAX_MB)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("geoseg: %(levelname)s: %(message)s"))
     logger = logging.getLogger("geoseg")
@@ -143,9 +139,7 @@ def segment(input, quiet, **kw):
 
     vector = _vector_config(kw)
     config = SegmentConfig(input=input, vector=vector, **kw)
-    result = run(config, progress=not quiet)
-    click.echo(f"{result.probabilities}\n{result.polygons} ({result.features} polygons)\n"
-               f"chunks run: {result.chunks_run}, resumed: {result.chunks_skipped}")
+    click.echo(run(config, progress=not quiet).summary())
 
 
 @main.command()

@@ -27,12 +27,13 @@ import numpy as np
 
 from . import __version__
 from .blend import accumulate, new_accumulators, normalise
-from .config import GDAL_CACHEMAX_MB, SegmentConfig, VectorizeConfig
+from .config import SegmentConfig, VectorizeConfig
 from .errors import ChunkFailedError, GeosegError, NotARunError, OutputExistsError
 from .atomic import write_json_atomic
 from .export import write_vector
 from .model import SegmenterFactory, cached_segmenter, clipseg_factory, encode_prompts
-from .raster import RasterInfo, inspect_raster, open_input, read_rgb, write_cog, write_part, write_vrt
+from .raster import (RasterInfo, bounded_gdal_cache, inspect_raster, open_input, read_rgb, write_cog,
+                     write_part, write_vrt)
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
 from .vectorize import finalize, merge_seams, polygonize_chunk, read_pieces, write_pieces
 
@@ -129,6 +130,11 @@ def run_chunk(job: ChunkJob, embeddings: Any) -> ChunkResult:
 
     ``embeddings`` are the run's prompt embeddings (:func:`geoseg.model.encode_prompts`).
     """
+    with bounded_gdal_cache():
+        return _run_chunk(job, embeddings)
+
+
+def _run_chunk(job: ChunkJob, embeddings: Any) -> ChunkResult:
     start = time.perf_counter()
     region, info = job.region, job.info
     segmenter = cached_segmenter(job.factory)
@@ -221,8 +227,7 @@ def dask_client(scheduler: str | None = None, client=None, workers: int | None =
         return
     n = workers or 1
     threads = max(1, (os.cpu_count() or 1) // n)
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "GDAL_CACHEMAX": os.environ.get("GDAL_CACHEMAX", GDAL_CACHEMAX_MB)}
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                       env=env, silence_logs=logging.CRITICAL) as cluster, Client(cluster) as c:
         yield c
@@ -413,6 +418,10 @@ class RunResult:
     features: int
     manifest: dict = field(repr=False, default_factory=dict)
 
+    def summary(self) -> str:
+        return (f"{self.probabilities}\n{self.polygons} ({self.features} polygons)\n"
+                f"chunks run: {self.chunks_run}, resumed: {self.chunks_skipped}")
+
 
 def segment(config: SegmentConfig, client=None, segmenter_factory: SegmenterFactory | None = None,
             progress: bool = False) -> RunResult:
@@ -486,7 +495,8 @@ def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: Raste
     vrt = run_dir / "probabilities.vrt"
     write_vrt(vrt, [(r, f"{PARTS}/{r.name}.tif") for r in regions], info, prompts)
     out = run_dir / PROBABILITIES
-    write_cog(vrt, out)
+    with bounded_gdal_cache():
+        write_cog(vrt, out)
     vrt.unlink()
     return out
 
@@ -553,7 +563,7 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
     thresholds = vector.thresholds_for(len(prompts))
     regions = [Region(*c["region"]) for c in manifest["chunks"].values()]
     pieces = []
-    with rasterio.open(run_dir / PROBABILITIES) as src:
+    with bounded_gdal_cache(), rasterio.open(run_dir / PROBABILITIES) as src:
         transform, crs = src.transform, src.crs
         for r in regions:
             probs = src.read(window=((r.row, r.row_stop), (r.col, r.col_stop)))

@@ -31,6 +31,7 @@ import numpy as np
 from .errors import ConfigError, GeosegError, NotARunError
 from .export import prompt_colors
 from .pipeline import load_finished_run
+from .raster import inspect_raster, open_input, to_model_rgb
 
 log = logging.getLogger(__name__)
 
@@ -105,27 +106,13 @@ def _read_rgb_decimated(src, info, shape: tuple[int, int]) -> tuple[np.ndarray, 
     data = src.read(list(info.bands), out_shape=(len(info.bands), *shape),
                     resampling=Resampling.nearest if info.palette is not None else smooth)
     valid = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
-    if info.palette is not None:
-        lut = np.asarray(info.palette, dtype=np.float32)
-        rgb = np.moveaxis(lut[data[0]], -1, 0) / 255.0
-    else:
-        data = data.astype(np.float32)
-        valid &= np.isfinite(data).all(axis=0)
-        rgb = np.empty_like(data)
-        for i, ((scale, offset), (lo, hi)) in enumerate(zip(info.scale_offset, info.stretch)):
-            rgb[i] = ((data[i] * scale + offset) - lo) / (hi - lo)
-        np.clip(rgb, 0.0, 1.0, out=rgb)
-        if rgb.shape[0] == 1:
-            rgb = np.repeat(rgb, 3, axis=0)
-    rgb = np.nan_to_num(rgb, nan=0.0)
-    return rgb, valid
+    return to_model_rgb(data, valid, info)
 
 
 def _base_image(manifest: dict, shape: tuple[int, int]) -> tuple[np.ndarray, str | None]:
     """(h, w, 3) uint8 input image on the preview grid, and a note when it could not be read."""
     import rasterio
 
-    from .raster import inspect_raster, open_input
 
     h, w = shape
     raster = manifest.get("raster") or {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ from rasterio.errors import CRSError, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from .atomic import atomic_target
+from .config import GDAL_CACHEMAX_MB
 from .errors import (ConfigError, GeoreferencingError, MissingCRSError, RasterOpenError,
                      RasterReadError, UnsupportedDataError)
 from .tiling import Region
@@ -401,6 +403,11 @@ def inspect_raster(path: str, bands: Sequence[int] = (), crs: str | None = None,
             block=tuple(src.block_shapes[0]), dtype=src.dtypes[chosen[0] - 1], all_masked=empty)
 
 
+def bounded_gdal_cache() -> rasterio.Env:
+    """A GDAL environment whose block cache is capped (see ``config.GDAL_CACHEMAX_MB``)."""
+    return rasterio.Env(**({} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHEMAX_MB}))
+
+
 def open_input(info: RasterInfo):
     """A fresh handle for one task (rasterio handles must not be shared across threads/processes)."""
     return _open(info.path)
@@ -426,7 +433,8 @@ def read_rgb(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.ndar
         sx, sy = info.native_width / info.width, info.native_height / info.height
         window = Window(region.col * sx, region.row * sy, region.width * sx, region.height * sy)
         down = sx > 1 or sy > 1
-        kw = dict(window=window, resampling=Resampling.average if down else Resampling.bilinear)
+        smooth = Resampling.average if down else Resampling.bilinear
+        kw = dict(window=window, resampling=Resampling.nearest if info.palette is not None else smooth)
         mask_kw = dict(window=window, out_shape=shape, resampling=Resampling.nearest)
     else:
         kw = mask_kw = dict(window=Window(region.col, region.row, region.width, region.height))
@@ -437,6 +445,14 @@ def read_rgb(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.ndar
         raise RasterReadError(f"{info.path}: failed to read window {region} "
                               f"(rows {region.row}..{region.row_stop}, cols {region.col}..{region.col_stop}): "
                               f"{_first_line(exc)}") from exc
+    return to_model_rgb(data, valid, info)
+
+
+def to_model_rgb(data: np.ndarray, valid: np.ndarray, info: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Raw bands (B, h, w) → (3, h, w) float32 0..1 through the palette or the run's global stretch.
+
+    NaN pixels are cleared from ``valid``; masked pixels are 0 in the image.
+    """
     if info.palette is not None:
         lut = np.asarray(info.palette, dtype=np.float32)
         rgb = np.moveaxis(lut[np.clip(data[0], 0, len(lut) - 1)], -1, 0) / 255.0

@@ -31,6 +31,7 @@ import numpy as np
 import shapely
 from affine import Affine
 from rasterio import features as _features
+from scipy import ndimage
 from shapely import GeometryType
 
 from .atomic import atomic_target
@@ -210,6 +211,9 @@ def _check_thresholds(thresholds: Sequence[float], n_prompts: int) -> np.ndarray
     return t
 
 
+_FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+
+
 def _shapes_to_polygons(shapes: list[dict]) -> np.ndarray:
     """GeoJSON-like polygons from ``rasterio.features.shapes`` → shapely array in one vectorized call.
 
@@ -249,8 +253,9 @@ def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
 
     Why global *pixel* coordinates: vertices are exact integers, so the seam merge can compare and
     union geometry exactly; the (possibly rotated) map transform is applied once, in :func:`finalize`.
-    Stats are exact: each polygon is burnt back (pixel-centre rule, exact for pixel-aligned
-    polygons) to get a label image, then counted with ``bincount``.
+    Stats are exact: connected components are labelled first (``scipy.ndimage.label``, the same
+    4-connectivity), the label image is polygonized (one polygon per label) and counted with
+    ``bincount``. Burning 80,000 polygons back with ``rasterize`` instead took 60 s per 4096² chunk.
     """
     probs = np.asarray(probs)
     if probs.ndim != 3:
@@ -270,20 +275,17 @@ def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
             mask = valid & (prob >= t[p])  # NaN compares False: nodata never enters a piece
         if not mask.any():
             continue
-        raw = [g for g, _ in _features.shapes(mask.view(np.uint8), mask=mask, connectivity=4,
-                                               transform=transform)]
-        geoms = _shapes_to_polygons(raw)
-        n = len(raw)
-        labels = _features.rasterize(zip(raw, range(1, n + 1)), out_shape=(h, w), transform=transform,
-                                     fill=0, dtype=np.int32)
-        lab = labels[mask]
-        if lab.size and lab.min() == 0:  # would mean a polygon did not cover its own pixels
-            raise RuntimeError("internal error: polygonized pieces do not cover the mask")
-        vals = prob[mask]
+        labels, n = ndimage.label(mask, structure=_FOUR_CONNECTED)
+        shapes = sorted(_features.shapes(labels, mask=mask, connectivity=4, transform=transform),
+                        key=lambda gv: gv[1])
+        if len(shapes) != n:  # a 4-connected component is exactly one polygon (holes included)
+            raise RuntimeError(f"internal error: {len(shapes)} polygons for {n} components")
+        geoms = _shapes_to_polygons([g for g, _ in shapes])
+        lab, vals = labels[mask], prob[mask]
         n_px = np.bincount(lab, minlength=n + 1)[1:]
         sum_p = np.bincount(lab, weights=vals.astype(np.float64), minlength=n + 1)[1:]
         max_p = np.full(n + 1, -np.inf, dtype=np.float32)
-        np.maximum.at(max_p, lab, vals.astype(np.float32))
+        np.maximum.at(max_p, lab, vals.astype(np.float32))  # 200x faster than ndimage.maximum here
         parts.append(Pieces(np.full(n, p, np.int32), geoms, n_px, sum_p, max_p[1:]))
     return Pieces.concat(parts)
 

@@ -63,7 +63,7 @@ def test_local_workflow_runs_offline_from_prestaged_hf_cache(tmp_path, tiny_mode
                       "--chunk-size", "400", "--offline", "--hf-home", hf_home,
                       env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "dashboard: http" in proc.stdout
+    assert "Dask dashboard: http" in proc.stderr
     assert "chunks run: 4, resumed: 0" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["model"] == MODEL_ID

@@ -47,6 +47,12 @@ def plan(cfg: geoseg.SegmentConfig) -> str:
     return "\n".join(lines)
 
 
+def run(cfg: geoseg.SegmentConfig, client) -> int:
+    """Run the job on the cluster behind ``client`` (progress bar and dashboard link), print the outputs."""
+    print(geoseg.segment(cfg, client=client, progress=True).summary())
+    return 0
+
+
 def hf_env(hf_home: str | None) -> dict[str, str]:
     """Worker environment for a pre-staged Hugging Face cache: no worker ever calls the hub.
 

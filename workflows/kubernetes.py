@@ -137,16 +137,11 @@ def main(argv=None) -> int:
         print(_common.plan(cfg))
         return 0
 
-    import geoseg
     from dask_kubernetes.operator import KubeCluster
     from distributed import Client
 
     with KubeCluster(custom_cluster_spec=spec) as cluster, Client(cluster) as client:
-        print(f"dashboard: {client.dashboard_link}", flush=True)
-        result = geoseg.segment(cfg, client=client, progress=True)
-    print(f"{result.probabilities}\n{result.polygons} ({result.features} polygons)\n"
-          f"chunks run: {result.chunks_run}, resumed: {result.chunks_skipped}")
-    return 0
+        return _common.run(cfg, client)
 
 
 if __name__ == "__main__":

@@ -86,16 +86,11 @@ def main(argv=None) -> int:
         print(_common.plan(cfg))
         return 0
 
-    import geoseg
     from distributed import Client
 
     with make_cluster() as cluster, Client(cluster) as client:
         cluster.adapt(minimum_jobs=args.min_jobs, maximum_jobs=args.max_jobs)
-        print(f"dashboard: {client.dashboard_link}", flush=True)
-        result = geoseg.segment(cfg, client=client, progress=True)
-    print(f"{result.probabilities}\n{result.polygons} ({result.features} polygons)\n"
-          f"chunks run: {result.chunks_run}, resumed: {result.chunks_skipped}")
-    return 0
+        return _common.run(cfg, client)
 
 
 if __name__ == "__main__":
