@@ -7,6 +7,12 @@ Messages name the file (or chunk window) and say what is wrong and, where there 
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (GDAL and Dask messages run on), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class GeosegError(Exception):
     """Root of all geoseg errors."""
 

@@ -28,8 +28,8 @@ import numpy as np
 from . import __version__
 from .blend import accumulate, new_accumulators, normalise
 from .config import SegmentConfig, VectorizeConfig
-from .errors import ChunkFailedError, GeosegError, NotARunError, OutputExistsError
 from .atomic import write_json_atomic
+from .errors import ChunkFailedError, GeosegError, NotARunError, OutputExistsError, first_line
 from .export import write_vector
 from .model import SegmenterFactory, cached_segmenter, clipseg_factory, encode_prompts
 from .raster import (RasterInfo, bounded_gdal_cache, inspect_raster, open_input, read_rgb, write_cog,
@@ -240,7 +240,7 @@ def _connect(Client, scheduler: str):
         return Client(scheduler_file=scheduler) if is_file else Client(scheduler)
     except (OSError, TimeoutError, ValueError) as exc:
         what = "read the scheduler file" if is_file else "reach the Dask scheduler at"
-        raise GeosegError(f"cannot {what} {scheduler}: {type(exc).__name__}: {_first_line(exc)}; is the "
+        raise GeosegError(f"cannot {what} {scheduler}: {type(exc).__name__}: {first_line(exc)}; is the "
                           "cluster running and may this machine connect to it?") from exc
 
 
@@ -288,17 +288,12 @@ def _run_chunk_task(job: ChunkJob, embeddings: Any, io_retries: int) -> ChunkRes
                 raise
             return _ChunkError(ChunkFailedError(
                 f"chunk {_describe(job)} ran out of GPU memory at batch size {job.batch_size}: "
-                f"{_first_line(exc)}; lower --batch-size, or use GPUs with more memory"))
+                f"{first_line(exc)}; lower --batch-size, or use GPUs with more memory"))
 
 
 def _describe(job: ChunkJob) -> str:
     r = job.region
     return f"{r.name} (rows {r.row}..{r.row_stop}, cols {r.col}..{r.col_stop})"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int | None, retries: int,
@@ -363,7 +358,7 @@ def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int | None, r
                     raise
                 except Exception as exc:  # retries exhausted: name the chunk, not a traceback
                     raise ChunkFailedError(f"chunk {_describe(job)} failed after {retries} retries: "
-                                           f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                                           f"{type(exc).__name__}: {first_line(exc)}") from exc
                 finally:
                     future.release()
                 if isinstance(outcome, _ChunkError):
@@ -396,11 +391,6 @@ def _workers(client) -> dict:
 
 def _has_gpus(workers: dict) -> bool:
     return any(w.get("resources", {}).get("GPU") for w in workers.values())
-
-
-def _cluster_has_gpus(client) -> bool:
-    """Whether any worker declares a ``GPU`` resource (``dask worker --resources GPU=1``)."""
-    return _has_gpus(_workers(client))
 
 
 # -- public entry points --------------------------------------------------------------------

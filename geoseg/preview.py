@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ConfigError, GeosegError, NotARunError
+from .errors import ConfigError, GeosegError, NotARunError, first_line
 from .export import prompt_colors
 from .pipeline import load_finished_run
 from .raster import inspect_raster, open_input, to_model_rgb
@@ -76,8 +76,7 @@ def _read_vector(path: Path, geometry: bool):
 
         return pyogrio.read_dataframe(path, layer="segments", columns=["prompt"], read_geometry=geometry)
     except Exception as exc:  # a damaged or foreign file: one clear line, not a traceback
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NotARunError(f"{path}: cannot read the polygons: {msg}") from exc
+        raise NotARunError(f"{path}: cannot read the polygons: {first_line(exc)}") from exc
 
 
 def _feature_counts(df, prompts: Sequence[str]) -> list[int]:
@@ -306,7 +305,7 @@ def render_preview(run_dir: Path | str, output: Path | str, size: int = 1024,
             if src.count != len(prompts):
                 raise NotARunError(f"{prob_path}: {src.count} bands for {len(prompts)} prompts in manifest.json")
     except rasterio.errors.RasterioIOError as exc:
-        raise NotARunError(f"{prob_path}: cannot open: {str(exc).splitlines()[0]}") from exc
+        raise NotARunError(f"{prob_path}: cannot open: {first_line(exc)}") from exc
     shape = _preview_shape(*grid, size)
     base, note = _base_image(manifest, shape)
     if mode == "probabilities":

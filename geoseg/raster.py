@@ -27,8 +27,8 @@ from rasterio.windows import Window
 
 from .atomic import atomic_target
 from .config import GDAL_CACHEMAX_MB
-from .errors import (ConfigError, GeoreferencingError, MissingCRSError, RasterOpenError,
-                     RasterReadError, UnsupportedDataError)
+from .errors import (ConfigError, GeoreferencingError, MissingCRSError, RasterOpenError, RasterReadError,
+                     UnsupportedDataError, first_line)
 from .tiling import Region
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,6 @@ class RasterInfo:
         return self.transform * Affine.translation(region.col, region.row)
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def _open(path: str):
     try:
         return rasterio.open(path)
@@ -86,7 +82,7 @@ def _open(path: str):
             raise RasterOpenError(f"{path}: no such file") from exc
         if not str(path).startswith("/vsi") and Path(path).is_file() and Path(path).stat().st_size == 0:
             raise RasterOpenError(f"{path}: cannot open as a raster: the file is empty (0 bytes)") from exc
-        raise RasterOpenError(f"{path}: cannot open as a raster: {_first_line(exc)}") from exc
+        raise RasterOpenError(f"{path}: cannot open as a raster: {first_line(exc)}") from exc
 
 
 def _horizontal_kind(crs) -> str:
@@ -119,9 +115,9 @@ def _check_crs(src, path: str, crs_override: str | None) -> CRS:
             crs = CRS.from_user_input(crs_override)
             kind = _horizontal_kind(crs)
         except CRSError as exc:
-            raise ConfigError(f"--crs {crs_override!r} is not a CRS PROJ understands: {_first_line(exc)}") from exc
+            raise ConfigError(f"--crs {crs_override!r} is not a CRS PROJ understands: {first_line(exc)}") from exc
         except Exception as exc:  # pyproj.exceptions.CRSError and friends
-            raise ConfigError(f"--crs {crs_override!r} is not a CRS PROJ understands: {_first_line(exc)}") from exc
+            raise ConfigError(f"--crs {crs_override!r} is not a CRS PROJ understands: {first_line(exc)}") from exc
         if kind in ("geocentric", "vertical", "temporal"):
             raise ConfigError(f"--crs {crs_override!r} is a {kind} CRS; give one with horizontal "
                               f"(projected or geographic) axes")
@@ -129,7 +125,7 @@ def _check_crs(src, path: str, crs_override: str | None) -> CRS:
     try:
         crs = src.crs
     except CRSError as exc:
-        raise MissingCRSError(f"{path}: has a CRS PROJ cannot read ({_first_line(exc)}); "
+        raise MissingCRSError(f"{path}: has a CRS PROJ cannot read ({first_line(exc)}); "
                               f"pass --crs with the right one") from exc
     if crs is None:
         raise MissingCRSError(f"{path}: the raster has no CRS; if you know it, pass --crs (e.g. --crs EPSG:32633)")
@@ -137,7 +133,7 @@ def _check_crs(src, path: str, crs_override: str | None) -> CRS:
         wkt = crs.to_wkt()
         kind = _horizontal_kind(crs)
     except Exception as exc:  # rasterio CRSError or pyproj CRSError
-        raise MissingCRSError(f"{path}: has a CRS PROJ cannot read ({_first_line(exc)}); "
+        raise MissingCRSError(f"{path}: has a CRS PROJ cannot read ({first_line(exc)}); "
                               f"pass --crs with the right one") from exc
     if kind not in ("projected", "geographic"):
         name = wkt.split('"')[1] if '"' in wkt else wkt[:40]
@@ -290,7 +286,7 @@ def _sample(src, path: str, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarra
             valid = np.concatenate([p[1] for p in parts])
     except RasterioError as exc:
         raise RasterReadError(f"{path}: failed to read a sample of the raster (for statistics): "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
     data = data.astype(np.float64)
     valid &= np.isfinite(data).all(axis=0)
     return data, valid, exact
@@ -354,7 +350,7 @@ def _all_masked(src, path: str, bands: Sequence[int], sample: tuple[np.ndarray, 
                 valid &= np.isfinite(src.read(list(bands), window=window)).all(axis=0)
         except RasterioError as exc:
             raise RasterReadError(f"{path}: failed to read rows {row}..{row + window.height}: "
-                                  f"{_first_line(exc)}") from exc
+                                  f"{first_line(exc)}") from exc
         if valid.any():
             return False
     return True
@@ -444,7 +440,7 @@ def read_rgb(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.ndar
     except RasterioError as exc:
         raise RasterReadError(f"{info.path}: failed to read window {region} "
                               f"(rows {region.row}..{region.row_stop}, cols {region.col}..{region.col_stop}): "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
     return to_model_rgb(data, valid, info)
 
 

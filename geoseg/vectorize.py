@@ -32,6 +32,8 @@ import shapely
 from affine import Affine
 from rasterio import features as _features
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from shapely import GeometryType
 
 from .atomic import atomic_target
@@ -328,29 +330,10 @@ def _region_tuple(region: Any) -> tuple[int, int, int, int]:
     return r, c, h, w
 
 
-class _UnionFind:
-    """Minimal union-find (path halving, union by index) over ``n`` items."""
-
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, a: int) -> int:
-        parent = self.parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra < rb:
-                ra, rb = rb, ra
-            self.parent[ra] = rb
-
-    def roots(self) -> np.ndarray:
-        return np.fromiter((self.find(i) for i in range(len(self.parent))), np.int64,
-                           count=len(self.parent))
+def _components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Group label of each of ``n`` items linked by the pairs ``(u[k], v[k])``."""
+    graph = coo_matrix((np.ones(len(u)), (u, v)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def _seam_segments(geoms: np.ndarray, regions: np.ndarray):
@@ -426,8 +409,8 @@ def merge_seams(pieces_list: Sequence[Pieces], chunk_regions: Sequence[Any]) -> 
 
     Only pieces whose bounding box reaches their chunk's border are considered, and for them only
     the exterior-ring segments lying on that border. Those segments go into a ``shapely.STRtree``;
-    candidate pairs are confirmed with an exact integer interval-overlap test, joined with
-    union-find, and each group becomes ``shapely.union_all`` of its members (exact: integer
+    candidate pairs are confirmed with an exact integer interval-overlap test, grouped as
+    connected components, and each group becomes ``shapely.union_all`` of its members (exact: integer
     coordinates). n_px and sum_p add up, max_p is the max. Output geometry is normalised and
     sorted canonically, so the result is identical for any chunk layout of the same mask.
     """
@@ -446,8 +429,7 @@ def merge_seams(pieces_list: Sequence[Pieces], chunk_regions: Sequence[Any]) -> 
                  | (bounds[:, 1] == reg[:, 0]) | (bounds[:, 3] == reg[:, 0] + reg[:, 2]))
     cand = np.flatnonzero(on_border)
 
-    uf = _UnionFind(n)
-    merged_any = False
+    u = v = np.empty(0, np.int64)
     if len(cand) > 1:
         owner, vert, line, lo, hi, a, b = _seam_segments(allp.geometry[cand], reg[cand])
         owner = cand[owner]
@@ -461,16 +443,13 @@ def merge_seams(pieces_list: Sequence[Pieces], chunk_regions: Sequence[Any]) -> 
                   & (np.maximum(lo[i], lo[j]) < np.minimum(hi[i], hi[j]))  # positive length
                   & (chunk_of[owner[i]] != chunk_of[owner[j]])
                   & (allp.prompt_index[owner[i]] == allp.prompt_index[owner[j]]))
-            for u, v in zip(owner[i[ok]].tolist(), owner[j[ok]].tolist()):
-                uf.union(u, v)
-                merged_any = True
+            u, v = owner[i[ok]], owner[j[ok]]
 
-    if not merged_any:
+    if len(u) == 0:
         out = allp
     else:
-        roots = uf.roots()
-        uniq, group = np.unique(roots, return_inverse=True)
-        k = len(uniq)
+        group = _components(n, u, v)
+        k = int(group.max()) + 1
         sizes = np.bincount(group, minlength=k)
         geoms = np.empty(k, dtype=object)
         single = sizes == 1
@@ -632,13 +611,13 @@ def _absorb_islands(geoms: np.ndarray, prompt: np.ndarray, changed: np.ndarray) 
     i, j = tree.query(geoms[cont], predicate="contains")
     i = cont[i]
     sel = (i != j) & (prompt[i] == prompt[j])
-    uf = _UnionFind(len(geoms))
-    for u, v in zip(i[sel].tolist(), j[sel].tolist()):
-        # container index must be the root: attach v under u's root
-        ru, rv = uf.find(u), uf.find(v)
-        if ru != rv:
-            uf.parent[rv] = ru
-    return uf.roots()
+    group = _components(len(geoms), i[sel], j[sel])
+    # a group's largest polygon contains all the others: it is their target
+    order = np.lexsort((-shapely.area(geoms), group))
+    first = order[np.r_[True, group[order][1:] != group[order][:-1]]]
+    biggest = np.empty(int(group.max()) + 1, np.int64)
+    biggest[group[first]] = first
+    return biggest[group]
 
 
 def _coverage_simplify(geoms: np.ndarray, prompt: np.ndarray, tolerance: float) -> np.ndarray:
