@@ -125,7 +125,8 @@ def main(verbose, debug):
 @click.option("--workers", type=int, default=None,
               help="Worker processes of the local Dask cluster started for the run [default: 1].")
 @click.option("--scheduler", default=None,
-              help="Address of an existing Dask scheduler (tcp://host:8786) instead of a local cluster.")
+              help="Address of an existing Dask scheduler (tcp://host:8786), or its scheduler file (.json), "
+                   "instead of a local cluster.")
 @click.option("--max-in-flight", type=int, default=None,
               help="Chunk tasks queued on the cluster at once [default: 2 per worker]. Bounds scheduler "
                    "and client memory for huge rasters.")

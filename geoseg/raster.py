@@ -114,9 +114,7 @@ def _check_crs(src, path: str, crs_override: str | None) -> CRS:
         try:
             crs = CRS.from_user_input(crs_override)
             kind = _horizontal_kind(crs)
-        except CRSError as exc:
-            raise ConfigError(f"--crs {crs_override!r} is not a CRS PROJ understands: {first_line(exc)}") from exc
-        except Exception as exc:  # pyproj.exceptions.CRSError and friends
+        except Exception as exc:  # rasterio's or pyproj's CRSError
             raise ConfigError(f"--crs {crs_override!r} is not a CRS PROJ understands: {first_line(exc)}") from exc
         if kind in ("geocentric", "vertical", "temporal"):
             raise ConfigError(f"--crs {crs_override!r} is a {kind} CRS; give one with horizontal "

@@ -538,14 +538,39 @@ class _Measure:
                 g = shapely.transform(geoms, lambda xy: np.column_stack(self.to_geographic.transform(xy[:, 0], xy[:, 1])))
             else:
                 g = geoms if self.factor == 1.0 else shapely.transform(geoms, lambda xy: xy * self.factor)
-            g = shapely.orient_polygons(g, exterior_cw=False)
-            area = np.empty(len(g))
-            perim = np.empty(len(g))
-            for i, geom in enumerate(g):
-                area[i], perim[i] = self.geod.geometry_area_perimeter(geom)
-            return np.abs(area), perim
+            return self._ellipsoidal(g)
         f = self.factor
         return shapely.area(geoms) * f * f, shapely.length(geoms) * f
+
+
+    def _ellipsoidal(self, lonlat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Area and perimeter on the ellipsoid of lon/lat polygons, vectorized.
+
+        Area: planar area in the cylindrical equal-area projection of the same ellipsoid (area
+        preserving, so exact for pixel-sized edges); perimeter: the sum of every edge's geodesic
+        length from one vectorized ``Geod.inv``. Longitudes are unwrapped per polygon first, so a
+        polygon across ±180° is measured whole. A ``Geod.geometry_area_perimeter`` loop took 13 s
+        for 315,000 polygons; this takes well under one.
+        """
+        import pyproj
+
+        xy, owner = shapely.get_coordinates(lonlat, return_index=True)
+        if len(xy) == 0:
+            return np.zeros(len(lonlat)), np.zeros(len(lonlat))
+        first = np.searchsorted(owner, owner)  # index of each vertex's polygon's first vertex
+        xy[:, 0] = xy[first, 0] + (xy[:, 0] - xy[first, 0] + 180.0) % 360.0 - 180.0
+        lonlat = shapely.set_coordinates(lonlat.copy(), xy)
+        cea = pyproj.Proj(proj="cea", lon_0=0, a=self.geod.a, b=self.geod.b, over=True)
+        flat = np.column_stack(cea(xy[:, 0], xy[:, 1]))
+        flat -= flat[first]  # each polygon about its own first vertex: no precision lost to 1e6 m offsets
+        area = shapely.area(shapely.set_coordinates(lonlat.copy(), flat))
+        parts, part_of = shapely.get_parts(lonlat, return_index=True)
+        rings, ring_part = shapely.get_rings(parts, return_index=True)
+        pts, ring_of = shapely.get_coordinates(rings, return_index=True)
+        edge = ring_of[:-1] == ring_of[1:]
+        _, _, length = self.geod.inv(pts[:-1, 0][edge], pts[:-1, 1][edge], pts[1:, 0][edge], pts[1:, 1][edge])
+        perimeter = np.bincount(part_of[ring_part[ring_of[:-1][edge]]], weights=length, minlength=len(lonlat))
+        return area, perimeter
 
 
 def _check_nonneg(name: str, value: float) -> float:
