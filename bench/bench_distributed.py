@@ -125,7 +125,8 @@ def main() -> None:
 
         p = plan_100k()
         print(f"2. scheduler load, 100,000² raster, default chunk {CHUNK_SIZE} (512 px blocks -> {p['chunk']}):")
-        print(f"   {p['tasks']} chunk tasks per run; {p['tiles']:,} model tiles "
+        print(f"   {p['tasks']} chunks = {3 * p['tasks'] + 1:,} scheduler tasks per run (read, infer, finish "
+              f"per chunk + one prompt encoding); {p['tiles']:,} model tiles "
               f"({p['tiles'] / p['tiles_whole'] - 1:+.1%} vs one whole-image tiling)\n")
 
         print("3. peak RSS per worker process (zero-cost model, 2 workers, default chunk size):")

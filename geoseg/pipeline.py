@@ -32,8 +32,8 @@ from .atomic import write_json_atomic
 from .errors import ChunkFailedError, GeosegError, NotARunError, OutputExistsError, first_line
 from .export import write_vector
 from .model import SegmenterFactory, cached_segmenter, clipseg_factory, encode_prompts
-from .raster import (RasterInfo, bounded_gdal_cache, inspect_raster, open_input, read_rgb, write_cog,
-                     write_part, write_vrt)
+from .raster import (RasterInfo, bounded_gdal_cache, inspect_raster, open_input, read_window, to_model_rgb,
+                     write_cog, write_part, write_vrt)
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
 from .vectorize import finalize, merge_seams, polygonize_chunk, read_pieces, write_pieces
 
@@ -88,74 +88,104 @@ def plan_chunks(info: RasterInfo, chunk_size: int) -> list[Region]:
     return chunk_regions(info.height, info.width, aligned_chunk(chunk_size, bh), aligned_chunk(chunk_size, bw))
 
 
-def tile_batches(rgb: np.ndarray, valid: np.ndarray, window: Region, tiles: Sequence[Region],
-                 batch_size: int) -> Iterator[tuple[list[Region], np.ndarray]]:
-    """Yield (tiles, (N, 3, T, T) array) batches; padded with zeros, fully masked tiles skipped."""
-    batch: list[Region] = []
-    arrays: list[np.ndarray] = []
-    for t in tiles:
-        inside = t.intersection(window)
-        src = inside.slices(within=window)
-        if not valid[src].any():
-            continue
-        arr = np.zeros((3, t.height, t.width), np.float32)
-        arr[(slice(None), *inside.slices(within=t))] = rgb[(slice(None), *src)]
-        batch.append(t)
-        arrays.append(arr)
-        if len(batch) == batch_size:
-            yield batch, np.stack(arrays)
-            batch, arrays = [], []
-    if batch:
-        yield batch, np.stack(arrays)
+@dataclass(frozen=True)
+class ChunkTiles:
+    """Output of the read stage: the chunk's model input. Stays in worker memory between tasks.
+
+    The halo is kept as raw band values (bytes for most imagery) and converted to the model's
+    float input one batch of tiles at a time, so a 4096² chunk holds ~70 MB here, not ~430 MB.
+    """
+
+    tiles: tuple[Region, ...]  # the global-grid tiles that reach the model (not fully masked)
+    window: Region             # the halo window the arrays cover
+    data: np.ndarray           # (B, h, w) raw model bands of the halo
+    valid: np.ndarray          # (h, w) valid mask of the halo
+    touching: int              # tiles touching the chunk, masked ones included
+    seconds: float
+
+    def batches(self, info: RasterInfo, batch_size: int) -> Iterator[np.ndarray]:
+        """(n, 3, T, T) float32 0..1 model input, zero-padded beyond the raster and where masked."""
+        for i in range(0, len(self.tiles), batch_size):
+            batch = self.tiles[i:i + batch_size]
+            out = np.zeros((len(batch), 3, batch[0].height, batch[0].width), np.float32)
+            for k, t in enumerate(batch):
+                inside = t.intersection(self.window)
+                src = (slice(None), *inside.slices(within=self.window))
+                rgb, _ = to_model_rgb(self.data[src], self.valid[src[1:]], info)
+                out[(k, slice(None), *inside.slices(within=t))] = rgb
+            yield out
 
 
-def blend_chunk(segmenter, embeddings, rgb: np.ndarray, valid: np.ndarray, window: Region,
-                region: Region, info: RasterInfo, n_prompts: int, tile_size: int, stride: int,
-                batch_size: int) -> tuple[np.ndarray, int, int]:
-    """Blended probabilities (P, h, w) for ``region`` from the halo image ``rgb`` at ``window``."""
-    tiles = tiles_touching(region, info.height, info.width, tile_size, stride)
-    acc, wsum = new_accumulators(region, n_prompts)
-    used = 0
-    for batch, arrays in tile_batches(rgb, valid, window, tiles, batch_size):
-        probs = segmenter.predict(arrays, embeddings)
-        used += len(batch)
-        for t, p in zip(batch, probs):
-            accumulate(acc, wsum, region, t, p, tile_weights(t, info.height, info.width, tile_size, stride))
-    own_valid = valid[region.slices(within=window)]
-    return normalise(acc, wsum, own_valid), len(tiles), used
+@dataclass(frozen=True)
+class ChunkInference:
+    """Output of the inference stage: per-tile probabilities and where they were computed."""
+
+    probs: np.ndarray          # (N, P, T, T) float32
+    worker: str
+    model_revision: str | None
+    seconds: float
+
+
+def read_chunk(job: ChunkJob) -> ChunkTiles:
+    """CPU stage: read the chunk's halo window and list the tiles of the global grid touching it.
+
+    Fully masked tiles are dropped here: they never reach the model.
+    """
+    start = time.perf_counter()
+    region, info = job.region, job.info
+    touching = tiles_touching(region, info.height, info.width, job.tile_size, job.stride)
+    window = halo(touching, info.height, info.width)
+    with bounded_gdal_cache(), open_input(info) as src:
+        data, valid = read_window(src, info, window)
+    tiles = tuple(t for t in touching if valid[t.intersection(window).slices(within=window)].any())
+    return ChunkTiles(tiles, window, data, valid, len(touching), time.perf_counter() - start)
+
+
+def infer_chunk(job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> ChunkInference:
+    """GPU stage (the only one that carries ``resources={"GPU": 1}``): the model over the tiles,
+    ``batch_size`` at a time. The process's model is loaded once and kept (``cached_segmenter``)."""
+    start = time.perf_counter()
+    segmenter = cached_segmenter(job.factory)
+    n = len(tiles.tiles)
+    probs = np.empty((n, len(job.prompts), job.tile_size, job.tile_size), np.float32)
+    for i, batch in zip(range(0, n, job.batch_size), tiles.batches(job.info, job.batch_size)):
+        probs[i:i + len(batch)] = segmenter.predict(batch, embeddings)
+    return ChunkInference(probs, f"{socket.gethostname()}:{os.getpid()}", getattr(segmenter, "revision", None),
+                          time.perf_counter() - start)
+
+
+def blend_tiles(tiles: ChunkTiles, probs: np.ndarray, region: Region, info: RasterInfo, tile_size: int,
+                stride: int) -> np.ndarray:
+    """Tukey-weighted blend of the tiles' probabilities over ``region``, normalised by Σw (P, h, w)."""
+    acc, wsum = new_accumulators(region, probs.shape[1])
+    for t, p in zip(tiles.tiles, probs):
+        accumulate(acc, wsum, region, t, p, tile_weights(t, info.height, info.width, tile_size, stride))
+    return normalise(acc, wsum, tiles.valid[region.slices(within=tiles.window)])
+
+
+def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) -> ChunkResult:
+    """CPU stage: blend, write the probability part, polygonize the chunk's own region, and write
+    the done-record last (its presence is what makes the chunk count as finished)."""
+    start = time.perf_counter()
+    region = job.region
+    probs = blend_tiles(tiles, inference.probs, region, job.info, job.tile_size, job.stride)
+    with bounded_gdal_cache():
+        write_part(job.path(".tif"), probs, job.info, region, job.prompts)
+    own_valid = tiles.valid[region.slices(within=tiles.window)]
+    pieces = polygonize_chunk(probs, own_valid, region.row, region.col, job.thresholds)
+    write_pieces(job.path(".pieces"), pieces)
+    seconds = tiles.seconds + inference.seconds + time.perf_counter() - start
+    result = ChunkResult(name=region.name, region=region, tiles=tiles.touching, model_tiles=len(tiles.tiles),
+                         pieces=len(pieces), seconds=round(seconds, 3), worker=inference.worker,
+                         model_revision=inference.model_revision)
+    write_json_atomic(job.path(".json"), {"fingerprint": job.fingerprint, **asdict(result)})
+    return result
 
 
 def run_chunk(job: ChunkJob, embeddings: Any) -> ChunkResult:
-    """The chunk task: read halo → tiles → model → blend → write part → polygonize own region.
-
-    ``embeddings`` are the run's prompt embeddings (:func:`geoseg.model.encode_prompts`).
-    """
-    with bounded_gdal_cache():
-        return _run_chunk(job, embeddings)
-
-
-def _run_chunk(job: ChunkJob, embeddings: Any) -> ChunkResult:
-    start = time.perf_counter()
-    region, info = job.region, job.info
-    segmenter = cached_segmenter(job.factory)
-    window = halo(tiles_touching(region, info.height, info.width, job.tile_size, job.stride),
-                  info.height, info.width)
-    with open_input(info) as src:
-        rgb, valid = read_rgb(src, info, window)
-    probs, n_tiles, used = blend_chunk(segmenter, embeddings, rgb, valid, window, region, info,
-                                       len(job.prompts), job.tile_size, job.stride, job.batch_size)
-    del rgb
-    write_part(job.path(".tif"), probs, info, region, job.prompts)
-    pieces = polygonize_chunk(probs, valid[region.slices(within=window)], region.row, region.col,
-                              job.thresholds)
-    write_pieces(job.path(".pieces"), pieces)
-    result = ChunkResult(
-        name=region.name, region=region, tiles=n_tiles, model_tiles=used, pieces=len(pieces),
-        seconds=round(time.perf_counter() - start, 3), worker=socket.gethostname() + f":{os.getpid()}",
-        model_revision=getattr(segmenter, "revision", None))
-    # The done-record is written last: its presence is what makes a chunk count as finished.
-    write_json_atomic(job.path(".json"), {"fingerprint": job.fingerprint, **asdict(result)})
-    return result
+    """All three stages in this process (what Dask runs as three tasks per chunk)."""
+    tiles = read_chunk(job)
+    return finish_chunk(job, tiles, infer_chunk(job, tiles, embeddings))
 
 
 # -- run directory ---------------------------------------------------------------------------
@@ -255,8 +285,10 @@ class _ChunkError:
     error: BaseException
 
 
-def _run_chunk_task(job: ChunkJob, embeddings: Any, io_retries: int) -> ChunkResult | _ChunkError:
-    """The task Dask runs: :func:`run_chunk`, sorting its failures into transient and final.
+def _stage(stage, job: ChunkJob, *inputs: Any, io_retries: int = 0) -> Any:
+    """One stage of a chunk as a Dask task, sorting its failures into transient and final.
+
+    * An earlier stage's final failure (an input that is a ``_ChunkError``) is passed on as is.
 
     * A block that failed to read (:class:`RasterReadError`: network hiccup or corrupt data) is
       retried here, in place, ``io_retries`` times with a short back-off; if it keeps failing it is
@@ -268,9 +300,12 @@ def _run_chunk_task(job: ChunkJob, embeddings: Any, io_retries: int) -> ChunkRes
     """
     from .errors import RasterReadError
 
+    failed = next((v for v in inputs if isinstance(v, _ChunkError)), None)
+    if failed is not None:
+        return failed
     for attempt in itertools.count():
         try:
-            return run_chunk(job, embeddings)
+            return stage(job, *inputs)
         except RasterReadError as exc:
             if attempt >= io_retries:
                 return _ChunkError(exc)
@@ -298,14 +333,16 @@ def _describe(job: ChunkJob) -> str:
 
 def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int | None, retries: int,
                   progress: bool) -> Iterator[ChunkResult]:
-    """Submit chunk tasks keeping a bounded number queued; yield results as they finish.
+    """Submit chunks keeping a bounded number queued; yield their results as they finish.
 
-    The window is ``max_in_flight`` when given, else two tasks per worker, re-read as workers
+    Each chunk is three tasks: :func:`read_chunk` → :func:`infer_chunk` → :func:`finish_chunk`.
+    The window is ``max_in_flight`` chunks when given, else two per worker, re-read as workers
     join (an adaptive cluster scales on queued work, so the window must grow with it).
-    The prompts are encoded once, by the first task, and its small result feeds every chunk task.
-    Tasks carry ``resources={"GPU": 1}`` once any worker declares a GPU resource: one chunk (one
-    model) per GPU at a time, and never on CPU-only workers of a mixed cluster. Results are
-    metadata; futures are released as soon as they are read, so the scheduler holds no data.
+    The prompts are encoded once, by the first task, and its small result feeds every chunk.
+    Inference tasks carry ``resources={"GPU": 1}`` once any worker declares a GPU resource: one
+    inference per GPU at a time, never on CPU-only workers of a mixed cluster, and reading,
+    blending and polygonizing of other chunks run beside it instead of holding the GPU. Results
+    are metadata; futures are released as soon as they are read.
 
     A task that killed its worker too often (Dask's ``KilledWorker``) or failed for good raises
     :class:`ChunkFailedError` naming the chunk and its window; still queued tasks are cancelled.
@@ -329,10 +366,16 @@ def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int | None, r
             state["window"] = max(state["window"], 2 * len(workers))
 
     def submit(job):
-        key = f"geoseg-{job.fingerprint}-{job.region.name}"
-        by_key[key] = job
-        return client.submit(_run_chunk_task, job, embeddings, retries, key=key, retries=retries,
-                             resources=state["resources"], pure=False)
+        # read (CPU) -> infer (the GPU slot) -> finish (CPU); Dask runs a chunk's stages where its
+        # data is, and only inference waits for, and holds, a GPU
+        name = f"{job.fingerprint}-{job.region.name}"
+        opts = dict(retries=retries, pure=False)
+        tiles = client.submit(_stage, read_chunk, job, io_retries=retries, key=f"geoseg-read-{name}", **opts)
+        inference = client.submit(_stage, infer_chunk, job, tiles, embeddings, key=f"geoseg-infer-{name}",
+                                  resources=state["resources"], **opts)
+        done = client.submit(_stage, finish_chunk, job, tiles, inference, key=f"geoseg-{name}", **opts)
+        by_key[done.key] = job
+        return done
 
     poll()
     first = jobs[0]

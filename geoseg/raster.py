@@ -422,6 +422,13 @@ def read_rgb(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.ndar
 
     Masked pixels (nodata, alpha, internal masks, NaN) are False in the mask and 0 in the image.
     """
+    return to_model_rgb(*read_window(src, info, region), info)
+
+
+def read_window(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.ndarray]:
+    """Raw model bands (B, h, w) in the file's data type and the (h, w) valid mask of a working-grid
+    region (nodata, alpha, internal masks and NaN are invalid). Raw values are 4x smaller than the
+    float image when they are bytes: chunk tasks keep these and convert tile by tile."""
     shape = (region.height, region.width)
     if info.resampled:
         sx, sy = info.native_width / info.width, info.native_height / info.height
@@ -439,7 +446,9 @@ def read_rgb(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.ndar
         raise RasterReadError(f"{info.path}: failed to read window {region} "
                               f"(rows {region.row}..{region.row_stop}, cols {region.col}..{region.col_stop}): "
                               f"{first_line(exc)}") from exc
-    return to_model_rgb(data, valid, info)
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).all(axis=0)
+    return data, valid
 
 
 def to_model_rgb(data: np.ndarray, valid: np.ndarray, info: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -459,7 +468,7 @@ def to_model_rgb(data: np.ndarray, valid: np.ndarray, info: RasterInfo) -> tuple
             rgb = np.repeat(rgb, 3, axis=0)
     else:
         data = data.astype(np.float64 if data.dtype == np.float64 else np.float32)
-        valid &= np.isfinite(data).all(axis=0)
+        valid = valid & np.isfinite(data).all(axis=0)
         rgb = np.empty_like(data)
         for i, ((scale, offset), (lo, hi)) in enumerate(zip(info.scale_offset, info.stretch)):
             rgb[i] = ((data[i] * scale + offset) - lo) / (hi - lo)

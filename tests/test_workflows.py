@@ -129,7 +129,7 @@ def test_gpu_workflow_options_build_a_gpu_resource_cluster(tmp_path, small_raste
 
     gpu = load_module("gpu_local")
     opts = gpu.cluster_options("0,1", "/shared/hf")
-    assert opts["resources"] == {"GPU": 1} and opts["threads_per_worker"] == 1
+    assert opts["resources"] == {"GPU": 1} and opts["threads_per_worker"] == 4
     assert opts["CUDA_VISIBLE_DEVICES"] == "0,1" and opts["env"]["HF_HUB_OFFLINE"] == "1"
     local = {k: v for k, v in opts.items() if k != "CUDA_VISIBLE_DEVICES"}
     local["dashboard_address"] = ":0"

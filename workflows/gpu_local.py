@@ -28,7 +28,9 @@ import _common  # noqa: E402
 
 def cluster_options(gpus: str | None, hf_home: str | None) -> dict:
     """Keyword arguments for LocalCUDACluster (printed by --dry-run)."""
-    opts = dict(threads_per_worker=1, resources={"GPU": 1}, dashboard_address=":8787",
+    # 4 threads per GPU worker: one runs a chunk's inference (the GPU=1 slot) while the others read,
+    # blend and polygonize other chunks, so the GPU is not left waiting on the CPU stages
+    opts = dict(threads_per_worker=4, resources={"GPU": 1}, dashboard_address=":8787",
                 env=_common.hf_env(hf_home) if hf_home else {})
     if gpus:
         opts["CUDA_VISIBLE_DEVICES"] = gpus
