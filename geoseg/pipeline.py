@@ -289,7 +289,6 @@ def _stage(stage, job: ChunkJob, *inputs: Any, io_retries: int = 0) -> Any:
     """One stage of a chunk as a Dask task, sorting its failures into transient and final.
 
     * An earlier stage's final failure (an input that is a ``_ChunkError``) is passed on as is.
-
     * A block that failed to read (:class:`RasterReadError`: network hiccup or corrupt data) is
       retried here, in place, ``io_retries`` times with a short back-off; if it keeps failing it is
       final. In-task retries keep the chunk's worker and its loaded model.
@@ -384,7 +383,7 @@ def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int | None, r
                                resources=state["resources"], pure=False).result()
     pending = as_completed([submit(j) for j in itertools.islice(todo, state["window"])])
     bar = tqdm(total=len(jobs), unit="chunk", disable=not progress, desc="segment")
-    tiles = 0
+    model_tiles = 0
     try:
         with bar:
             for future in pending:
@@ -406,8 +405,8 @@ def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int | None, r
                     future.release()
                 if isinstance(outcome, _ChunkError):
                     raise outcome.error
-                tiles += outcome.model_tiles
-                bar.set_postfix(tiles=tiles, refresh=False)
+                model_tiles += outcome.model_tiles
+                bar.set_postfix(tiles=model_tiles, refresh=False)
                 bar.update()
                 poll()
                 while pending.count() < state["window"]:
