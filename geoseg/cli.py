@@ -130,7 +130,9 @@ def main(verbose, debug):
 @click.option("--max-in-flight", type=int, default=None,
               help="Chunk tasks queued on the cluster at once [default: 2 per worker]. Bounds scheduler "
                    "and client memory for huge rasters.")
-@click.option("--overwrite", is_flag=True, help="Replace geoseg's files in an output directory holding another job.")
+@click.option("--overwrite", is_flag=True,
+              help="Start afresh: replace geoseg's files in the output directory (a previous run, of this job "
+                   "or another, is not resumed); other files there are kept.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @vector_options
 @handle_errors

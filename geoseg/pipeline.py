@@ -204,8 +204,8 @@ def prepare_run_dir(run_dir: Path, fp: str, overwrite: bool) -> set[str]:
     """Create or reuse the run directory; returns names of chunks a previous run finished.
 
     A directory holding a run of the same job is resumed. Anything else that exists is refused
-    unless ``overwrite`` is set, and then only geoseg's own files are removed: nothing a user made
-    is deleted.
+    unless ``overwrite`` is set. ``overwrite`` always starts afresh, and removes only geoseg's own
+    files: nothing a user made is deleted.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputExistsError(f"{run_dir}: exists and is not a directory; choose another -o")
@@ -215,7 +215,7 @@ def prepare_run_dir(run_dir: Path, fp: str, overwrite: bool) -> set[str]:
         with contextlib.suppress(ValueError, OSError):
             previous = json.loads(manifest.read_text()).get("fingerprint")
     busy = run_dir.exists() and any(run_dir.iterdir())
-    if busy and previous != fp:
+    if busy and (previous != fp or overwrite):
         if not overwrite:
             what = ("holds a geoseg run with different input or options" if previous
                     else "exists and is not a geoseg run directory")

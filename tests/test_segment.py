@@ -125,6 +125,8 @@ def test_other_job_in_output_dir_is_refused(tmp_path, inproc_client, perpixel):
     result = run(tmp_path, src, inproc_client, perpixel, prompts=("tree",), overwrite=True)
     with rasterio.open(result.probabilities) as ds:
         assert ds.descriptions == ("tree",)
+    again = run(tmp_path, src, inproc_client, perpixel, prompts=("tree",), overwrite=True)
+    assert (again.chunks_run, again.chunks_skipped) == (1, 0)  # --overwrite starts afresh, never resumes
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
