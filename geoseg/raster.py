@@ -71,7 +71,7 @@ class RasterInfo:
         return CRS.from_wkt(self.crs_wkt)
 
     def region_transform(self, region: Region) -> Affine:
-        return self.transform * Affine.translation(region.col, region.row)
+        return self.transform @ Affine.translation(region.col, region.row)
 
 
 def _open(path: str):
@@ -222,7 +222,7 @@ def _working_grid(src, transform: Affine, resolution: float | None) -> tuple[int
     h = max(1, round(src.height * native / resolution))
     if (w, h) == (src.width, src.height):
         return w, h, transform
-    return w, h, transform * Affine.scale(src.width / w, src.height / h)
+    return w, h, transform @ Affine.scale(src.width / w, src.height / h)
 
 
 def _decimated_shape(height: int, width: int) -> tuple[int, int]:

@@ -302,7 +302,7 @@ def make_mars_projected(d: Path) -> Case:
 
 
 def rotated(angle_deg: float, px: float = 0.5, x0: float = 500000.0, y0: float = 4500000.0) -> Affine:
-    return Affine.translation(x0, y0) * Affine.rotation(angle_deg) * Affine.scale(px, -px)
+    return Affine.translation(x0, y0) @ Affine.rotation(angle_deg) @ Affine.scale(px, -px)
 
 
 def make_rotated(d: Path) -> Case:
@@ -336,8 +336,8 @@ def make_antimeridian_utm(d: Path) -> Case:
     to_utm = Transformer.from_crs("EPSG:4326", "EPSG:32760", always_xy=True)
     img = scene(200, 220, seed=26)
     for row0, row1 in ((20, 60), (120, 170)):
-        lat = to_geo.transform(*(transform * (110, (row0 + row1) / 2)))[1]
-        col = int((~transform * to_utm.transform(180.0, lat))[0])
+        lat = to_geo.transform(*(transform @ (110, (row0 + row1) / 2)))[1]
+        col = int((~transform @ to_utm.transform(180.0, lat))[0])
         assert 20 < col < 200
         img[:, row0:row1, col - 12:col + 12] = np.array(RED, np.uint8)[:, None, None]
     return Case(write(d / "am_utm60s.tif", img, crs="EPSG:32760", transform=transform))
@@ -382,7 +382,7 @@ def make_vrt(d: Path) -> Case:
 
 def _world_file(path: Path, transform: Affine) -> None:
     a, b, c, d_, e, f = tuple(transform)[:6]
-    centre = transform * (0.5, 0.5)
+    centre = transform @ (0.5, 0.5)
     path.write_text("\n".join(repr(v) for v in (a, d_, b, e, centre[0], centre[1])) + "\n")
 
 
@@ -685,7 +685,7 @@ def footprint(transform: Affine, width: int, height: int):
     """The raster's footprint polygon (full affine: rotated/sheared/flipped grids included)."""
     import shapely
 
-    corners = [transform * xy for xy in ((0, 0), (width, 0), (width, height), (0, height))]
+    corners = [transform @ xy for xy in ((0, 0), (width, 0), (width, height), (0, height))]
     return shapely.Polygon(corners)
 
 

@@ -38,8 +38,8 @@ def geotransforms(draw):
     flip_x, flip_y = draw(st.booleans()), draw(st.booleans())
     x0 = draw(st.floats(-1e6, 1e6))
     y0 = draw(st.floats(-1e6, 1e7))
-    t = (Affine.translation(x0, y0) * Affine.rotation(angle) * Affine.shear(shear, 0.0)
-         * Affine.scale(px * (-1 if flip_x else 1), px * aspect * (1 if flip_y else -1)))
+    t = (Affine.translation(x0, y0) @ Affine.rotation(angle) @ Affine.shear(shear, 0.0)
+         @ Affine.scale(px * (-1 if flip_x else 1), px * aspect * (1 if flip_y else -1)))
     return t
 
 

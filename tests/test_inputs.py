@@ -476,4 +476,4 @@ def test_huge_sparse_bigtiff_is_inspected_in_bounded_memory(tmp_path):
     assert (info.width, info.height) == (200_000, 150_000)
     assert peak < 64 * 2**20
     assert info.stretch[0][0] == 700 and not info.all_masked
-    assert shapely.Polygon([info.transform * c for c in ((0, 0), (1, 0), (1, 1))]).area > 0
+    assert shapely.Polygon([info.transform @ c for c in ((0, 0), (1, 0), (1, 1))]).area > 0

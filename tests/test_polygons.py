@@ -59,7 +59,7 @@ def iou(a, b):
 
 TRANSFORMS = {
     "north-up": Affine(0.5, 0, 500000, 0, -0.5, 4500000),
-    "rotated": Affine.translation(500000, 4500000) * Affine.rotation(25) * Affine.scale(0.5, -0.5),
+    "rotated": Affine.translation(500000, 4500000) @ Affine.rotation(25) @ Affine.scale(0.5, -0.5),
     "south-up": Affine(0.5, 0, 500000, 0, 0.5, 4400000),
 }
 

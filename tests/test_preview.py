@@ -107,7 +107,7 @@ def test_polygon_outlines_and_legend(tmp_path, run):
 
 
 def test_rotated_transform_polygons_line_up(tmp_path, inproc_client, perpixel):
-    rotated = Affine.translation(500000, 4500000) * Affine.rotation(30) * Affine.scale(0.5, -0.5)
+    rotated = Affine.translation(500000, 4500000) @ Affine.rotation(30) @ Affine.scale(0.5, -0.5)
     result = segment(tmp_path, inproc_client, perpixel, name="rot", transform=rotated)
     with rasterio.open(result.probabilities) as ds:
         assert ds.transform.almost_equals(rotated)

@@ -157,7 +157,7 @@ def test_resolution_reads_a_coarser_grid(tmp_path, inproc_client, perpixel):
     result = run(tmp_path, src, inproc_client, perpixel, resolution=1.0, chunk_size=352)
     with rasterio.open(result.probabilities) as ds:
         assert (ds.width, ds.height) == (500, 400)
-        assert ds.transform == NORTH_UP * Affine.scale(2)
+        assert ds.transform == NORTH_UP @ Affine.scale(2)
         got = ds.read()
     # reference: the model on the 2x2 block mean of the image (GDAL 'average' resampling)
     mean = data.reshape(3, 400, 2, 500, 2).astype(np.float64).mean(axis=(2, 4))
