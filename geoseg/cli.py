@@ -120,7 +120,7 @@ def main(verbose, debug):
 @click.option("--stride", type=int, default=STRIDE, show_default=True,
               help="Tile step in px; the overlap (tile - stride) is blended with cosine ramps.")
 @click.option("--chunk-size", type=int, default=CHUNK_SIZE, show_default=True,
-              help="Chunk (one Dask task) size in px, rounded up to the file's internal blocks. Bounds memory "
+              help="Chunk (unit of Dask work) size in px, rounded up to the file's internal blocks. Bounds memory "
                    "per worker; does not change the result.")
 @click.option("--workers", type=int, default=None,
               help="Worker processes of the local Dask cluster started for the run [default: 1].")

@@ -1,10 +1,11 @@
 """Builds and runs the chunk tasks; the same stage functions serve local and distributed runs.
 
-One Dask task per chunk: it opens its own rasterio handle, reads its halo window, runs every tile of
-the global grid touching the chunk, blends, writes its probability part atomically, polygonizes its
-own region and returns a small :class:`ChunkResult` (metadata, never pixel arrays). The client keeps
-a bounded number of tasks in flight, skips chunks a previous run finished, then assembles the COG
-and the polygons.
+Each chunk is three Dask tasks: :func:`read_chunk` opens its own rasterio handle and reads its halo
+window; :func:`infer_chunk` runs every tile of the global grid touching the chunk through the model
+(the only task that holds a GPU); :func:`finish_chunk` blends, writes the probability part
+atomically, polygonizes the chunk's own region and returns a small :class:`ChunkResult` (metadata,
+never pixel arrays). The client keeps a bounded number of chunks in flight, skips chunks a previous
+run finished, then assembles the COG and the polygons.
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ class ChunkResult:
     seconds: float
     worker: str
     model_revision: str | None = None
-    status: str = "done"
 
 
 # -- stage functions -----------------------------------------------------------------------------
@@ -180,12 +180,6 @@ def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) ->
                          model_revision=inference.model_revision)
     write_json_atomic(job.path(".json"), {"fingerprint": job.fingerprint, **asdict(result)})
     return result
-
-
-def run_chunk(job: ChunkJob, embeddings: Any) -> ChunkResult:
-    """All three stages in this process (what Dask runs as three tasks per chunk)."""
-    tiles = read_chunk(job)
-    return finish_chunk(job, tiles, infer_chunk(job, tiles, embeddings))
 
 
 # -- run directory ---------------------------------------------------------------------------

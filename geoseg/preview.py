@@ -3,8 +3,8 @@
 ``render_preview`` reads everything decimated (``out_shape`` reads, served from overviews where the
 files have them), so a preview of a 100 000 px scene costs about as much memory as the PNG itself:
 
-* the **base image** is the run's input read through :func:`geoseg.raster.read_rgb` on a
-  preview-sized working grid, with the bands and the global stretch recorded in the manifest, so the
+* the **base image** is the run's input read decimated and converted with
+  :func:`geoseg.raster.to_model_rgb`, with the bands and the global stretch recorded in the manifest, so the
   colours are the ones the model saw (masked pixels are drawn dark grey);
 * ``mode="probabilities"`` tints each pixel with every prompt's colour at an opacity proportional to
   that prompt's probability (``probability * MAX_ALPHA``, prompts composited in prompt order);
@@ -95,7 +95,7 @@ def _read_rgb_decimated(src, info, shape: tuple[int, int]) -> tuple[np.ndarray, 
     """(3, h, w) 0..1 RGB and (h, w) valid mask of the whole raster at ``shape``.
 
     The same band choice, palette, scale/offset and global stretch as
-    :func:`geoseg.raster.read_rgb`, over the whole extent read with ``out_shape`` (GDAL serves it
+    :func:`geoseg.raster.read_rgb` (via ``to_model_rgb``), over the whole extent read with ``out_shape`` (GDAL serves it
     from overviews): averaged when shrinking, nearest for palette indexes and the mask.
     """
     from rasterio.enums import Resampling

@@ -1,6 +1,6 @@
 """Probabilities → polygons: per-chunk polygonization, seam merging and map-ready finalisation.
 
-The pipeline runs one Dask task per *chunk* (a rectangle of the raster, thousands of pixels wide).
+The pipeline processes the raster by *chunk* (a rectangle of the raster, thousands of pixels wide).
 Vectorizing the whole raster at once would need the whole mask in one process, so the work is split
 into small pure stages:
 
@@ -128,11 +128,6 @@ class Pieces:
             np.concatenate([p.sum_p for p in items]),
             np.concatenate([p.max_p for p in items]),
         )
-
-    def take(self, index: Any) -> "Pieces":
-        """Rows selected by an integer or boolean index array."""
-        return Pieces(self.prompt_index[index], self.geometry[index], self.n_px[index],
-                      self.sum_p[index], self.max_p[index])
 
     # Pickle as flat arrays (coordinates + offsets) instead of one WKB blob per polygon: much smaller
     # pickles and far fewer Python objects when Dask moves a chunk's result between processes.
