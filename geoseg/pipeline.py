@@ -22,8 +22,18 @@ from .model import SegmenterFactory, clipseg_factory
 from .pieces import Pieces, merge_seams, polygonize_chunk, read_pieces
 from .polygons import finalize
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
-from .rundir import (PARTS, PROBABILITIES, PROBABILITIES_VRT, RunManifest, fingerprint, load_finished_run, now,
-                     part_path, polygons_name, prepare_run_dir)
+from .rundir import (
+    PARTS,
+    PROBABILITIES,
+    PROBABILITIES_VRT,
+    RunManifest,
+    fingerprint,
+    load_finished_run,
+    now,
+    part_path,
+    polygons_name,
+    prepare_run_dir,
+)
 from .scheduling import ChunkSubmitter, dask_client
 from .stages import ChunkJob, ChunkResult, plan_chunks
 from .tiling import Region

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import (ChunkFailedError, GeosegError, ModelOutOfMemoryError, RasterReadError, first_line)
+from .errors import ChunkFailedError, GeosegError, ModelOutOfMemoryError, RasterReadError, first_line
 from .model import encode_prompts
 from .stages import ChunkJob, ChunkResult, finish_chunk, infer_chunk, read_chunk
 
