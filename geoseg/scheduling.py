@@ -242,9 +242,3 @@ class ChunkSubmitter:
         if isinstance(outcome, ChunkError):
             raise outcome.error
         return outcome
-
-
-def submit_chunks(client: Any, jobs: Sequence[ChunkJob], max_in_flight: int | None, retries: int,
-                  progress: bool) -> Iterator[ChunkResult]:
-    """Shorthand for ``ChunkSubmitter(client, max_in_flight, retries).run(jobs, progress)``."""
-    return ChunkSubmitter(client, max_in_flight, retries).run(jobs, progress)
