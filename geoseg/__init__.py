@@ -12,12 +12,14 @@ __version__ = "0.1.0"
 from .config import DEFAULT_MODEL, SegmentConfig, VectorizeConfig  # noqa: E402
 from .errors import (ChunkFailedError, ConfigError, GeoreferencingError, GeosegError,  # noqa: E402
                      MissingCRSError, ModelLoadError, NotARunError, OutputExistsError, RasterError, RasterOpenError,
-                     RasterReadError, UnsupportedDataError)
+                     RasterReadError, ReferenceDataError, UnsupportedDataError)
 from .pipeline import RunResult, segment, vectorize  # noqa: E402
+from .evaluation import EvaluateConfig, EvaluationResult, evaluate  # noqa: E402
 
 
 __all__ = [
     "__version__", "segment", "vectorize", "SegmentConfig", "VectorizeConfig", "RunResult", "DEFAULT_MODEL",
+    "evaluate", "EvaluateConfig", "EvaluationResult", "ReferenceDataError",
     "GeosegError", "ConfigError", "RasterError", "RasterOpenError", "MissingCRSError", "GeoreferencingError",
     "UnsupportedDataError", "RasterReadError", "ModelLoadError", "OutputExistsError", "NotARunError", "ChunkFailedError",
 ]
