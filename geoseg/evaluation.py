@@ -376,7 +376,7 @@ class ObjectScores:
                 "precision": self.precision, "recall": self.recall, "f1": self.f1, "match_iou": self.iou}
 
 
-def match_objects(truth: Sequence[Any], predicted: Sequence[Any], min_iou: float = OBJECT_IOU) -> ObjectScores:
+def match_objects(truth: Sequence[Any] | np.ndarray, predicted: Sequence[Any] | np.ndarray, min_iou: float = OBJECT_IOU) -> ObjectScores:
     """One-to-one matching of polygons at IoU >= ``min_iou``, greedily by descending IoU.
 
     Candidate pairs come from an STRtree, so the cost follows the number of overlapping pairs, not
@@ -678,6 +678,8 @@ def format_table(report: dict) -> str:
 
 def _columns(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)  # noqa: E731
-                              for i, (v, w) in enumerate(zip(r, widths)))
+
+    def fmt(row: Sequence[str]) -> str:
+        return "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
+
     return [fmt(head), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)]

@@ -33,16 +33,18 @@ def plot_pr_curves(result: Any, path: Path) -> Path:
         ax.plot(r[ok], p[ok], color="0.82", lw=1, zorder=1)
         ax.annotate(f"F1={f:g}", (r[ok][-1], p[ok][-1]), xytext=(-4, 4), textcoords="offset points",
                     ha="right", fontsize=9, color="0.55")
-    colors = matplotlib.colormaps["tab10"].colors
+    palette = matplotlib.colormaps["tab10"]
     for i, pr in enumerate(result.prompts):
-        c = colors[i % len(colors)]
+        c = palette(i % 10)
         rec = np.array([s.recall if s.recall is not None else np.nan for s in pr.curve])
         prec = np.array([s.precision if s.precision is not None else np.nan for s in pr.curve])
         a, b = pr.at_threshold, pr.best_f1
         label = f"{pr.prompt}: F1 {_f(a.f1)} at run t={a.threshold:.3g}"
         if b is not None:
             label += f", best {_f(b.f1)} at t={b.threshold:.3g}"
-        ok = np.isfinite(rec) & np.isfinite(prec)
+        # thresholds where something true is found; TP = 0 points sit at recall 0 and would draw a
+        # misleading straight line to the origin when the model saturates at p = 1
+        ok = np.isfinite(rec) & np.isfinite(prec) & (prec > 0)
         if not ok.any():
             ax.plot([], [], color=c, lw=2.5, label=f"{pr.prompt}: no truth pixels in the area")
             continue
@@ -53,15 +55,17 @@ def plot_pr_curves(result: Any, path: Path) -> Path:
                 continue
             ax.plot(s.recall, s.precision, marker=marker, ms=16 if marker == "*" else 11, color=c,
                     mec="black", mew=1.2, ls="none", zorder=4)
+            right, top = s.recall > 0.7, s.precision > 0.9  # keep labels inside the axes
+            dy = (10 if k == 0 else -22) - (14 if top and k == 0 else 0)
             ax.annotate(f"{what} t={s.threshold:.3g}", (s.recall, s.precision),
-                        xytext=(10, 10 if k == 0 else -18), textcoords="offset points", fontsize=11,
-                        color="black", zorder=5,
-                        bbox=dict(boxstyle="round,pad=0.2", fc="white", ec=c, alpha=0.9))
+                        xytext=(-12 if right else 12, dy), textcoords="offset points", fontsize=11,
+                        ha="right" if right else "left", color="black", zorder=5,
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": c, "alpha": 0.9})
     handles, labels = ax.get_legend_handles_labels()
     handles += [Line2D([], [], marker="o", ls="none", color="0.5", mec="black", ms=10),
                 Line2D([], [], marker="*", ls="none", color="0.5", mec="black", ms=14)]
     labels += ["threshold of the run", "threshold with the best F1"]
-    ax.legend(handles, labels, loc="lower left", fontsize=11, framealpha=0.95)
+    fig.legend(handles, labels, loc="outside lower center", fontsize=11, ncols=1, frameon=False)
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("Recall (share of truth pixels found)", fontsize=13)
