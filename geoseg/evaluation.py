@@ -397,6 +397,7 @@ def match_objects(truth: Sequence[Any] | np.ndarray, predicted: Sequence[Any] | 
         iou = np.where(union > 0, inter / union, 0.0)
     used_t: set[int] = set()
     used_p: set[int] = set()
+    matched = 0
     for k in np.argsort(-iou, kind="stable"):
         if iou[k] < min_iou:
             break
@@ -404,7 +405,8 @@ def match_objects(truth: Sequence[Any] | np.ndarray, predicted: Sequence[Any] | 
         if a not in used_t and b not in used_p:
             used_t.add(a)
             used_p.add(b)
-    return ObjectScores(len(t), len(p), len(used_t), min_iou)
+            matched += 1
+    return ObjectScores(len(t), len(p), matched, min_iou)
 
 
 def _clip_to_area(geoms: np.ndarray, area: Any) -> np.ndarray:

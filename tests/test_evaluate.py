@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 import geoseg
 from geoseg.cli import main
-from geoseg.evaluation import EvaluateConfig, Histograms, match_objects
+from geoseg.evaluation import EvaluateConfig, Histograms, best_threshold, match_objects
 
 from .rasters import NORTH_UP, UTM33, rotated, write
 
@@ -301,6 +301,22 @@ def test_object_matching_known_answer():
     assert (s.truth, s.predicted, s.matched, s.false_positives, s.false_negatives) == (3, 4, 1, 3, 2)
     assert match_objects(truth, [shapely.box(0, 0, 10, 5)]).matched == 1  # IoU exactly 0.5 counts
     assert match_objects(truth, [shapely.box(0, 0, 10, 4.9)]).matched == 0
+    # one prediction at IoU exactly 0.5 with each of two truth halves: it matches one of them only
+    halves = [shapely.box(0, 0, 1, 1), shapely.box(1, 0, 2, 1)]
+    assert match_objects(halves, [shapely.box(0, 0, 2, 1)]).matched == 1
+    assert match_objects([shapely.box(0, 0, 2, 1)], halves).matched == 1
+
+
+def test_best_threshold_is_one_that_vectorize_accepts():
+    """t = 0 (everything is the prompt) would score best here, but --threshold takes 0 < t < 1."""
+    h = Histograms(bins=1000, threshold=0.5)
+    p = np.array([0.0] * 10 + [0.6] * 5 + [0.0])
+    truth = np.arange(16) < 15
+    h.add(p, truth, np.ones(16, bool))
+    curve = h.curve()
+    assert curve[0].f1 == 30 / 31
+    best = best_threshold(curve, "f1")
+    assert (best.threshold, best.f1) == (0.001, 0.5)
 
 
 def test_object_scores_from_the_run_polygons(run_dir, tmp_path):
