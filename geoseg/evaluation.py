@@ -304,8 +304,7 @@ class Histograms:
         use = inside & finite
         p = prob[use].astype(np.float64)
         t = truth[use]
-        edges = np.arange(self.bins + 1, dtype=np.float64) / self.bins
-        idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, self.bins)
+        idx = bin_index(p, self.bins)
         self.pos += np.bincount(idx[t], minlength=self.bins + 1)
         self.neg += np.bincount(idx[~t], minlength=self.bins + 1)
         pred = p >= self.threshold  # vectorize's rule: a pixel is in the mask when prob >= threshold
@@ -324,6 +323,21 @@ class Histograms:
         npos, nneg = int(self.pos.sum()), int(self.neg.sum())
         return [Scores(k / self.bins, int(tp[k]), int(fp[k]), npos - int(tp[k]), nneg - int(fp[k]))
                 for k in range(self.bins + 1)]
+
+
+def bin_index(p: np.ndarray, bins: int) -> np.ndarray:
+    """Bin of each probability: k with ``k/bins <= p < (k+1)/bins`` (k = bins for p = 1), clipped.
+
+    The same rule as ``searchsorted(arange(bins + 1) / bins, p, side="right") - 1``, so ``p >= k/bins``
+    exactly when the bin is >= k, but ~20x faster: ``floor(p * bins)`` is off by at most one where
+    ``p * bins`` rounds across an integer, and one comparison with each neighbouring edge fixes that.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    idx = np.clip(np.floor(p * bins), 0, bins).astype(np.int64)
+    idx -= p < idx / bins                                    # rounded up past an edge
+    up = np.minimum(idx + 1, bins)
+    idx += (p >= up / bins) & (idx < bins)                   # rounded down below an edge
+    return np.clip(idx, 0, bins)
 
 
 def best_threshold(curve: Sequence[Scores], score: str) -> Scores | None:
@@ -530,17 +544,18 @@ def compute(run: RunInputs, config: EvaluateConfig) -> EvaluationResult:
     mapping, unmapped = map_classes(values, run.prompts, config, config.truth)
 
     footprint = raster_footprint(transform, run.width, run.height)
-    all_truth = shapely.union_all(truth.geometry.values)
-    if not all_truth.intersects(footprint) or all_truth.intersection(footprint).area == 0:
+    truth_bounds = truth.total_bounds
+    hits = truth.sindex.query(footprint, predicate="intersects")
+    if not (shapely.area(shapely.intersection(truth.geometry.values[hits], footprint)) > 0).any():
         raise ReferenceDataError(f"{config.truth}: no truth polygon overlaps the raster {run.probabilities} "
-                                 f"(truth bounds {_fmt_bounds(all_truth.bounds)} vs raster "
+                                 f"(truth bounds {_fmt_bounds(truth_bounds)} vs raster "
                                  f"{_fmt_bounds(footprint.bounds)} in the raster CRS)")
     if config.aoi is not None:
         aoi = _read_polygons(config.aoi, "AOI", crs)
         area = shapely.union_all(aoi.geometry.values)
         mode, note = "aoi", f"AOI {config.aoi}"
     else:
-        area = shapely.box(*all_truth.bounds)
+        area = shapely.box(*truth_bounds)
         mode, note = "truth extent", ("truth extent: the bounding box of the truth polygons in the raster CRS "
                                       "(no --aoi given)")
     area = area.intersection(footprint)
@@ -565,7 +580,7 @@ def compute(run: RunInputs, config: EvaluateConfig) -> EvaluationResult:
     truth_pixels = dict.fromkeys(mapping, 0)
     r0, c0, r1, c1 = bounds
     ws = config.window_size
-    with bounded_gdal_cache(), rasterio.open(run.probabilities) as src:
+    with rasterio.open(run.probabilities) as src:
         for row in range((r0 // ws) * ws, r1, ws):
             for col in range((c0 // ws) * ws, c1, ws):
                 h, w = min(ws, run.height - row), min(ws, run.width - col)
@@ -578,7 +593,10 @@ def compute(run: RunInputs, config: EvaluateConfig) -> EvaluationResult:
                 if not inside.any():
                     continue
                 area_pixels += int(inside.sum())
-                probs = src.read([b + 1 for b in bands], window=win)
+                # the cache cap only around reads: rasterize sizes its row chunks by GDAL's cache,
+                # and each chunk re-scans every shape (10x slower for 600 boxes under the cap)
+                with bounded_gdal_cache():
+                    probs = src.read([b + 1 for b in bands], window=win)
                 for k, prompt in enumerate(mapping):
                     near = prompt_geoms[prompt][trees[prompt].query(cell, predicate="intersects")]
                     mask = (rasterize([(g, 1) for g in near], out_shape=(h, w), transform=wt, fill=0,

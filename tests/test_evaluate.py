@@ -393,3 +393,15 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
     assert "did not finish" in cli_error([unfinished, "--truth", truth, "--class-field", "kind"])
     assert not (unfinished / "evaluation").exists()
     assert not (tmp_path / "o").exists()  # nothing written by any refusal
+
+
+@pytest.mark.parametrize("bins", [2, 7, 1000, 1001])
+def test_bin_index_is_searchsorted_on_the_edges(bins):
+    """The fast binning equals the plain definition, on and next to every edge (float32 ones too)."""
+    from geoseg.evaluation import bin_index
+
+    edges = np.arange(bins + 1, dtype=np.float64) / bins
+    p = np.concatenate([np.random.default_rng(bins).random(10_000), edges, np.nextafter(edges, 2),
+                        np.nextafter(edges, -1), edges.astype(np.float32).astype(np.float64), [-0.1, 1.1]])
+    ref = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins)
+    assert np.array_equal(bin_index(p, bins), ref)
