@@ -622,6 +622,10 @@ def compute(run: RunInputs, config: EvaluateConfig) -> EvaluationResult:
         results.append(PromptResult(prompt, tuple(classes), hist.at_run_threshold(), best_threshold(curve, "f1"),
                                     best_threshold(curve, "iou"), truth_pixels[prompt], hist.nodata,
                                     hist.truth_in_nodata, curve, hist, objects))
+    for prompt, n in truth_pixels.items():
+        if n == 0:
+            log.warning("%s: no truth pixel of %r inside the evaluation area: recall and IoU are undefined",
+                        config.truth, prompt)
     if unmapped:
         log.warning("%s: truth classes %s map to no prompt; their polygons count as background", config.truth,
                     unmapped)
