@@ -23,7 +23,8 @@ How it stays exact and bounded on any raster size:
 
 Object-level scores (optional) match truth polygons with the run's polygons (its ``polygons.gpkg``
 or ``.parquet``, at the run's threshold and after its ``min_area``/``simplify``) at IoU >= 0.5, one
-to one, greedily by IoU. Both sets are clipped to the evaluation area first. They hold every truth
+to one, greedily by IoU. Both sets keep the objects with more than half their area inside the
+evaluation area, clipped to it. They hold every truth
 polygon and every run polygon inside the area's bounding box in memory at once: fine for the tens
 of thousands of objects a reference set has, not for a continent's worth (turn them off there).
 """
@@ -390,7 +391,8 @@ class ObjectScores:
                 "precision": self.precision, "recall": self.recall, "f1": self.f1, "match_iou": self.iou}
 
 
-def match_objects(truth: Sequence[Any] | np.ndarray, predicted: Sequence[Any] | np.ndarray, min_iou: float = OBJECT_IOU) -> ObjectScores:
+def match_objects(truth: Sequence[Any] | np.ndarray, predicted: Sequence[Any] | np.ndarray,
+                  min_iou: float = OBJECT_IOU) -> ObjectScores:
     """One-to-one matching of polygons at IoU >= ``min_iou``, greedily by descending IoU.
 
     Candidate pairs come from an STRtree, so the cost follows the number of overlapping pairs, not
@@ -423,11 +425,17 @@ def match_objects(truth: Sequence[Any] | np.ndarray, predicted: Sequence[Any] | 
     return ObjectScores(len(t), len(p), matched, min_iou)
 
 
-def _clip_to_area(geoms: np.ndarray, area: Any) -> np.ndarray:
+def objects_in_area(geoms: np.ndarray, area: Any) -> np.ndarray:
+    """The objects with more than half their area inside ``area``, clipped to it.
+
+    Half, not "any part": a polygon cut by the area's edge, or one whose reprojected edge grazes it,
+    would otherwise count as a sliver object that nothing can match.
+    """
     import shapely
 
     clipped = shapely.intersection(geoms, area)
-    keep = ~shapely.is_empty(clipped) & (shapely.area(clipped) > 0)
+    whole = shapely.area(geoms)
+    keep = ~shapely.is_empty(clipped) & (shapely.area(clipped) > 0.5 * whole)
     return clipped[keep]
 
 
@@ -617,8 +625,8 @@ def compute(run: RunInputs, config: EvaluateConfig) -> EvaluationResult:
         objects = None
         if polygons is not None:
             pred = polygons.geometry.values[(polygons["prompt"] == prompt).to_numpy()] if len(polygons) else []
-            objects = match_objects(_clip_to_area(np.asarray(prompt_geoms[prompt], dtype=object), area),
-                                    _clip_to_area(np.asarray(pred, dtype=object), area))
+            objects = match_objects(objects_in_area(np.asarray(prompt_geoms[prompt], dtype=object), area),
+                                    objects_in_area(np.asarray(pred, dtype=object), area))
         results.append(PromptResult(prompt, tuple(classes), hist.at_run_threshold(), best_threshold(curve, "f1"),
                                     best_threshold(curve, "iou"), truth_pixels[prompt], hist.nodata,
                                     hist.truth_in_nodata, curve, hist, objects))
@@ -687,12 +695,14 @@ def format_table(report: dict) -> str:
               f"{report['threshold_resolution']:g} grid)", *_columns(head, rows)]
     lines += ["", "pixels", *_columns(
         ["prompt", "truth classes", "TP", "FP", "FN", "TN", "nodata", "truth in nodata"],
-        [[p["prompt"], ", ".join(p["truth_classes"]), *(f"{p['at_run_threshold'][k]:,}" for k in ("tp", "fp", "fn", "tn")),
+        [[p["prompt"], ", ".join(p["truth_classes"]),
+          *(f"{p['at_run_threshold'][k]:,}" for k in ("tp", "fp", "fn", "tn")),
           f"{p['nodata_pixels']:,}", f"{p['truth_pixels_in_nodata']:,}"] for p in report["prompts"]])]
     objs = [p for p in report["prompts"] if p["objects"]]
     if objs:
         iou = objs[0]["objects"]["match_iou"]
-        lines += ["", f"objects (matched one to one at IoU >= {iou:g}; clipped to the area)", *_columns(
+        title = f"objects (matched one to one at IoU >= {iou:g}; those more than half inside the area, clipped)"
+        lines += ["", title, *_columns(
             ["prompt", "truth", "predicted", "matched", "FP", "FN", "prec", "recall", "F1"],
             [[p["prompt"], *(str(p["objects"][k]) for k in ("truth", "predicted", "matched", "false_positives",
                                                              "false_negatives")),

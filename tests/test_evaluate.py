@@ -307,6 +307,15 @@ def test_object_matching_known_answer():
     assert match_objects([shapely.box(0, 0, 2, 1)], halves).matched == 1
 
 
+def test_objects_count_when_more_than_half_inside_the_area():
+    from geoseg.evaluation import objects_in_area
+
+    area = shapely.box(0, 0, 10, 10)
+    geoms = np.array([shapely.box(6, 0, 16, 10), shapely.box(4, 0, 14, 10), shapely.box(1, 1, 2, 2)], dtype=object)
+    kept = objects_in_area(geoms, area)
+    assert [g.bounds for g in kept] == [(4.0, 0.0, 10.0, 10.0), (1.0, 1.0, 2.0, 2.0)]
+
+
 def test_best_threshold_is_one_that_vectorize_accepts():
     """t = 0 (everything is the prompt) would score best here, but --threshold takes 0 < t < 1."""
     h = Histograms(bins=1000, threshold=0.5)
@@ -329,6 +338,12 @@ def test_object_scores_from_the_run_polygons(run_dir, tmp_path):
     # truth A, C match their rectangles exactly; B is shifted (IoU 0.25); D covers no red at all
     assert (o.truth, o.predicted, o.matched) == (4, 3, 2)
     assert (o.precision, o.recall) == (2 / 3, 2 / 4)
+    # the same from GeoParquet polygons written in another CRS
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    geoseg.vectorize(run, geoseg.VectorizeConfig(vector_format="parquet", dst_crs="EPSG:3857"))
+    again = run_eval(run, tmp_path / "pq", truth=tmp_path / "truth.gpkg", aoi=tmp_path / "aoi.gpkg")
+    assert again["red roof"].objects == o
 
 
 # -- outputs and errors ---------------------------------------------------------------------------
