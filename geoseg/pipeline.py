@@ -341,7 +341,8 @@ def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int | None, r
     :class:`ChunkFailedError` naming the chunk and its window; still queued tasks are cancelled.
     """
     from distributed import KilledWorker, as_completed
-    from tqdm.auto import tqdm
+
+    from .progress import progress_bar
 
     todo = iter(jobs)
     by_key: dict[str, ChunkJob] = {}
@@ -376,7 +377,7 @@ def submit_chunks(client, jobs: Sequence[ChunkJob], max_in_flight: int | None, r
     embeddings = client.submit(encode_prompts, first.factory, first.prompts, key=f"geoseg-{first.fingerprint}-prompts",
                                resources=state["resources"], pure=False).result()
     pending = as_completed([submit(j) for j in itertools.islice(todo, state["window"])])
-    bar = tqdm(total=len(jobs), unit="chunk", disable=not progress, desc="segment")
+    bar = progress_bar(total=len(jobs), unit="chunk", disable=not progress, desc="segment")
     model_tiles = 0
     try:
         with bar:
