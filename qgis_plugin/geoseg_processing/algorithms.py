@@ -154,6 +154,8 @@ class SegmentAlgorithm(GeosegAlgorithm):
         self.addOutput(QgsProcessingOutputRasterLayer("PROBABILITIES", "Probabilities"))
         self.addOutput(QgsProcessingOutputVectorLayer("POLYGONS", "Polygons", QgsProcessing.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("FEATURES", "Number of polygons"))
+        self.addOutput(QgsProcessingOutputNumber("CHUNKS_RUN", "Chunks run"))
+        self.addOutput(QgsProcessingOutputNumber("CHUNKS_RESUMED", "Chunks resumed from an earlier run"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
@@ -187,7 +189,8 @@ class SegmentAlgorithm(GeosegAlgorithm):
         if self.parameterAsBool(parameters, self.LOAD, context):
             self.load_outputs(context, probabilities, polygons, threshold)
         return {self.OUTPUT: output, "PROBABILITIES": probabilities, "POLYGONS": polygons,
-                "FEATURES": int(result.get("features", 0))}
+                "FEATURES": int(result.get("features", 0)), "CHUNKS_RUN": int(result.get("chunks_run", 0)),
+                "CHUNKS_RESUMED": int(result.get("chunks_resumed", 0))}
 
 
 class VectorizeAlgorithm(GeosegAlgorithm):

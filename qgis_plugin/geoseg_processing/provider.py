@@ -31,12 +31,18 @@ def configured_env() -> dict:
     return child_env(parse_env(ProcessingConfig.getSetting(ENV_SETTING)))
 
 
+def _any(value) -> None:
+    """Accept any value: Setting.FILE's own check rejects the default, a name looked up on PATH.
+    A wrong value gives one clear error naming this setting when an algorithm runs."""
+
+
 class GeosegProvider(QgsProcessingProvider):
     def load(self) -> bool:
         ProcessingConfig.settingIcons[self.name()] = self.icon()
         ProcessingConfig.addSetting(Setting(
             self.name(), EXECUTABLE_SETTING,
-            "geoseg executable (a path, or a name found on PATH)", DEFAULT_EXECUTABLE, valuetype=Setting.FILE))
+            "geoseg executable (a path, or a name found on PATH)", DEFAULT_EXECUTABLE, valuetype=Setting.FILE,
+            validator=_any))
         ProcessingConfig.addSetting(Setting(
             self.name(), ENV_SETTING,
             "Extra environment for geoseg (NAME=value; NAME=value, e.g. HF_HOME=D:/hf; CUDA_VISIBLE_DEVICES=0)",

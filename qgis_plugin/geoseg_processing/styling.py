@@ -100,4 +100,7 @@ class PolygonStyler(QgsProcessingLayerPostProcessorInterface):
         return styler
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS API name
+        # Re-vectorizing rewrites the run's polygons.gpkg; Processing then hands back the layer already
+        # in the project for that file, which must re-read it.
+        layer.reload()
         style_polygons(layer)
