@@ -348,7 +348,8 @@ def main(config_path: str) -> None:
             "probabilities": _render([prob], extent, size, crs, work / "render_probabilities.png"),
             # 4 image pixels per raster pixel: the ~1 px outlines leave each polygon pixel an interior
             "polygons": _render([poly], extent, (4 * size[0], 4 * size[1]), crs, work / "render_polygons.png"),
-            "screenshot": _render([poly, prob, base], extent, size, crs, work / "render_screenshot.png"),
+            "screenshot": _render([poly, prob, base], extent, (size[0] // 2, size[1] // 2), crs,
+                                  work / "render_screenshot.png"),
         }
 
     step("render", render)

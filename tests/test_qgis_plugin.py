@@ -443,10 +443,13 @@ def test_screenshot_shows_all_three_layers(report):
     r = _step(report, "render")["screenshot"]
     assert r["saved"] and not r["errors"]
     img = _png(r["path"])
-    assert img.shape[:2] == (480, 640)
+    assert img.shape[:2] == (240, 320)  # half the raster grid: small enough for the README
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 1000  # the photo, the ramp and the fills
     probs = _png(_step(report, "render")["probabilities"]["path"])
-    assert (img != probs).any(axis=2).mean() > 0.3  # the input image shows where probabilities are transparent
+    white = (img == 255).all(axis=2).mean()
+    # alone, the probabilities leave the background white below the threshold (a big share); here the
+    # input image shows through there
+    assert (probs == 255).all(axis=2).mean() > 0.2 and white < 0.02, white
 
 
 @needs_qgis
