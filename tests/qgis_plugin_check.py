@@ -73,30 +73,30 @@ def _feedback_class():
         def _add(self, kind, text):
             self.log.append([kind, str(text)])
 
-        def pushInfo(self, info):  # noqa: N802
+        def pushInfo(self, info):
             m = re.match(r"geoseg started \(pid (\d+)\)", str(info))
             if m:
                 self.pid = int(m.group(1))
             self._add("info", info)
             super().pushInfo(info)
 
-        def pushWarning(self, w):  # noqa: N802
+        def pushWarning(self, w):
             self._add("warning", w)
             super().pushWarning(w)
 
-        def pushConsoleInfo(self, c):  # noqa: N802
+        def pushConsoleInfo(self, c):
             self._add("console", c)
             super().pushConsoleInfo(c)
 
-        def pushCommandInfo(self, c):  # noqa: N802
+        def pushCommandInfo(self, c):
             self._add("command", c)
             super().pushCommandInfo(c)
 
-        def reportError(self, e, fatalError=False):  # noqa: N802, N803
+        def reportError(self, e, fatalError=False):
             self._add("error", e)
             super().reportError(e, fatalError)
 
-        def isCanceled(self):  # noqa: N802 - the runner polls this; the GUI's Cancel sets the same flag
+        def isCanceled(self):
             if self.cancel_when and self.cancelled_at is None and self.cancel_when(self):
                 if self.pid:
                     self.group_at_cancel = _group(self.pid)

@@ -29,9 +29,9 @@ from affine import Affine
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "qgis_plugin"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build_zip  # noqa: E402
-from geoseg_processing import runner  # noqa: E402  (pure Python: no qgis import)
-from qgis_check import QGIS_PYTHON, _qgis_env, qgis_available  # noqa: E402
+import build_zip
+from geoseg_processing import runner
+from qgis_check import QGIS_PYTHON, _qgis_env, qgis_available
 
 RASTER = ROOT / "sample_tiles" / "town_rgb_utm.tif"
 PROMPTS = ["building", "water"]

@@ -5,7 +5,7 @@ anything outside QGIS; the algorithms run geoseg in a child process (see runner.
 """
 
 
-def classFactory(iface):  # noqa: N802 - QGIS plugin entry point
+def classFactory(iface):
     from .plugin import GeosegPlugin
 
     return GeosegPlugin(iface)

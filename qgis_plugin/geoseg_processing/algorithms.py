@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import os
 
-from qgis.core import (QgsMapLayerType, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingOutputNumber, QgsProcessingOutputRasterLayer,
-                       QgsProcessingOutputVectorLayer, QgsProcessingParameterBoolean,
-                       QgsProcessingParameterDefinition, QgsProcessingParameterFile,
-                       QgsProcessingParameterFolderDestination, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
-                       QgsProcessingUtils)
+from qgis.core import (
+    QgsMapLayerType,
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputRasterLayer,
+    QgsProcessingOutputVectorLayer,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsProcessingUtils,
+)
 
 from .provider import configured_env, configured_executable, icon
-from .runner import GeosegCancelled, GeosegRunError, run_geoseg, segment_args, vectorize_args
+from .runner import (
+    GeosegCancelled,
+    GeosegRunError,
+    run_geoseg,
+    segment_args,
+    vectorize_args,
+)
 from .styling import PolygonStyler, ProbabilityStyler
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
@@ -41,7 +58,7 @@ class GeosegAlgorithm(QgsProcessingAlgorithm):
     def group(self):
         return ""
 
-    def groupId(self):  # noqa: N802
+    def groupId(self):
         return ""
 
     def icon(self):
@@ -50,7 +67,7 @@ class GeosegAlgorithm(QgsProcessingAlgorithm):
     def flags(self):
         return super().flags() | QgsProcessingAlgorithm.FlagCanCancel
 
-    def createInstance(self):  # noqa: N802
+    def createInstance(self):
         return type(self)()
 
     def run_cli(self, args, feedback) -> dict:
@@ -112,10 +129,10 @@ class SegmentAlgorithm(GeosegAlgorithm):
     def name(self):
         return "segment"
 
-    def displayName(self):  # noqa: N802
+    def displayName(self):
         return "Segment raster by text prompts"
 
-    def shortHelpString(self):  # noqa: N802
+    def shortHelpString(self):
         return ("Finds what the prompts describe (one per line, e.g. <i>building</i>) in a raster with CLIPSeg "
                 "and writes a probability raster (one band per prompt, 0–1) and polygons (one category per "
                 "prompt) into the output folder. Runs the geoseg command line configured in Processing › "
@@ -123,7 +140,7 @@ class SegmentAlgorithm(GeosegAlgorithm):
                 "an interrupted run. Workers start a local Dask cluster; a scheduler address (tcp://host:8786) "
                 "or scheduler file uses an existing cluster instead.")
 
-    def initAlgorithm(self, config=None):  # noqa: N802
+    def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
         self.addParameter(QgsProcessingParameterString(self.PROMPTS, "Prompts (one per line)", multiLine=True))
         self.addParameter(QgsProcessingParameterString(self.MODEL, "Model (Hugging Face hub id or local folder)",
@@ -157,7 +174,7 @@ class SegmentAlgorithm(GeosegAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("CHUNKS_RUN", "Chunks run"))
         self.addOutput(QgsProcessingOutputNumber("CHUNKS_RESUMED", "Chunks resumed from an earlier run"))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+    def processAlgorithm(self, parameters, context, feedback):
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None:
             raise QgsProcessingException("no raster layer given")
@@ -199,15 +216,15 @@ class VectorizeAlgorithm(GeosegAlgorithm):
     def name(self):
         return "vectorize"
 
-    def displayName(self):  # noqa: N802
+    def displayName(self):
         return "Re-vectorize a run at a new threshold"
 
-    def shortHelpString(self):  # noqa: N802
+    def shortHelpString(self):
         return ("Redraws the polygons of a finished <i>Segment raster by text prompts</i> run at a new threshold "
                 "from its stored probabilities, without running the model. Replaces polygons.gpkg in the run "
                 "folder.")
 
-    def initAlgorithm(self, config=None):  # noqa: N802
+    def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterFile(self.RUN, "Run folder (output folder of a segment run)",
                                                      behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Threshold (probability 0–1)",
@@ -223,7 +240,7 @@ class VectorizeAlgorithm(GeosegAlgorithm):
         self.addOutput(QgsProcessingOutputVectorLayer("POLYGONS", "Polygons", QgsProcessing.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("FEATURES", "Number of polygons"))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+    def processAlgorithm(self, parameters, context, feedback):
         run_dir = self.parameterAsFile(parameters, self.RUN, context)
         if not run_dir or not os.path.isdir(run_dir):
             raise QgsProcessingException(f"{run_dir!r} is not a folder")

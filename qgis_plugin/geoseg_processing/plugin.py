@@ -12,12 +12,12 @@ class GeosegPlugin:
         self.iface = iface
         self.provider = None
 
-    def initProcessing(self):  # noqa: N802 - QGIS API name
+    def initProcessing(self):
         if self.provider is None:
             self.provider = GeosegProvider()
             QgsApplication.processingRegistry().addProvider(self.provider)
 
-    def initGui(self):  # noqa: N802
+    def initGui(self):
         self.initProcessing()
 
     def unload(self):

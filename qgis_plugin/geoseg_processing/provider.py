@@ -55,7 +55,7 @@ class GeosegProvider(QgsProcessingProvider):
         ProcessingConfig.removeSetting(EXECUTABLE_SETTING)
         ProcessingConfig.removeSetting(ENV_SETTING)
 
-    def loadAlgorithms(self) -> None:  # noqa: N802 - QGIS API name
+    def loadAlgorithms(self) -> None:
         from .algorithms import ALGORITHMS
 
         for cls in ALGORITHMS:
@@ -67,11 +67,11 @@ class GeosegProvider(QgsProcessingProvider):
     def name(self) -> str:
         return "geoseg"
 
-    def longName(self) -> str:  # noqa: N802
+    def longName(self) -> str:
         return "geoseg (text-prompted segmentation)"
 
     def icon(self) -> QIcon:
         return icon()
 
-    def svgIconPath(self) -> str:  # noqa: N802
+    def svgIconPath(self) -> str:
         return ICON_PATH

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 #: Where the executable is configured, as a user finds it in QGIS.
 SETTING_PATH = "Processing > Options > Providers > geoseg > 'geoseg executable'"
@@ -43,7 +43,7 @@ class GeosegCancelled(Exception):
     """The user cancelled; the child process tree is gone."""
 
 
-def resolve_executable(value: Optional[str]) -> str:
+def resolve_executable(value: str | None) -> str:
     """The absolute path of the configured geoseg executable, or one clear error naming the setting."""
     name = os.path.expanduser((value or "").strip() or "geoseg")
     found = shutil.which(name)
@@ -54,9 +54,9 @@ def resolve_executable(value: Optional[str]) -> str:
     return found
 
 
-def parse_env(text: Optional[str]) -> Dict[str, str]:
+def parse_env(text: str | None) -> dict[str, str]:
     """``"NAME=value; NAME2=value"`` (or one per line) as a dict; one error line for a bad entry."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     for item in (text or "").replace("\n", ";").split(";"):
         item = item.strip()
         if not item:
@@ -68,7 +68,7 @@ def parse_env(text: Optional[str]) -> Dict[str, str]:
     return out
 
 
-def child_env(extra: Optional[Dict[str, str]] = None, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def child_env(extra: dict[str, str] | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
     """QGIS' environment without its Python variables, plus ``extra`` (the provider setting)."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _DROP_ENV}
     env["PYTHONUNBUFFERED"] = "1"
@@ -76,16 +76,16 @@ def child_env(extra: Optional[Dict[str, str]] = None, base: Optional[Dict[str, s
     return env
 
 
-def _opt(args: List[str], flag: str, value) -> None:
+def _opt(args: list[str], flag: str, value) -> None:
     if value is not None and value != "":
         args += [flag, str(value)]
 
 
-def segment_args(raster: str, prompts: Sequence[str], output: str, *, model: Optional[str] = None,
-                 threshold: Optional[float] = None, resolution: Optional[float] = None,
-                 chunk_size: Optional[int] = None, workers: Optional[int] = None,
-                 scheduler: Optional[str] = None, min_area: Optional[float] = None,
-                 device: Optional[str] = None, overwrite: bool = False) -> List[str]:
+def segment_args(raster: str, prompts: Sequence[str], output: str, *, model: str | None = None,
+                 threshold: float | None = None, resolution: float | None = None,
+                 chunk_size: int | None = None, workers: int | None = None,
+                 scheduler: str | None = None, min_area: float | None = None,
+                 device: str | None = None, overwrite: bool = False) -> list[str]:
     """``geoseg segment`` arguments. The same inputs always give the same list, so a re-run resumes.
 
     ``resolution`` 0/None is native, ``workers`` 0/None is geoseg's default; prompts are stripped
@@ -112,8 +112,8 @@ def segment_args(raster: str, prompts: Sequence[str], output: str, *, model: Opt
     return args
 
 
-def vectorize_args(run_dir: str, *, threshold: Optional[float] = None, min_area: Optional[float] = None,
-                   simplify: Optional[float] = None) -> List[str]:
+def vectorize_args(run_dir: str, *, threshold: float | None = None, min_area: float | None = None,
+                   simplify: float | None = None) -> list[str]:
     """``geoseg vectorize`` arguments (re-threshold a finished run, no model)."""
     args = ["vectorize", run_dir]
     _opt(args, "--threshold", threshold)
@@ -129,7 +129,7 @@ def command_line(cmd: Sequence[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
-def _pump(stream, name: str, q: "queue.Queue") -> None:
+def _pump(stream, name: str, q: queue.Queue) -> None:
     try:
         for line in iter(stream.readline, ""):
             q.put((name, line.rstrip("\r\n")))
@@ -163,7 +163,7 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def run_geoseg(executable: str, args: Sequence[str], *, env: Optional[Dict[str, str]] = None,
+def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | None = None,
                on_progress: Callable[[int, int], None] = lambda done, total: None,
                on_log: Callable[[str, str], None] = lambda level, message: None,
                on_output: Callable[[str], None] = lambda line: None,
@@ -191,14 +191,14 @@ def run_geoseg(executable: str, args: Sequence[str], *, env: Optional[Dict[str, 
     except OSError as exc:
         raise GeosegRunError(f"cannot start {executable!r}: {exc.strerror or exc}; check {SETTING_PATH}") from exc
     on_start(proc.pid, command_line(cmd))
-    q: "queue.Queue" = queue.Queue()
+    q: queue.Queue = queue.Queue()
     threads = [threading.Thread(target=_pump, args=(s, n, q), daemon=True)
                for s, n in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
     for t in threads:
         t.start()
-    result: Optional[dict] = None
-    error: Optional[str] = None
-    last_stderr: List[str] = []
+    result: dict | None = None
+    error: str | None = None
+    last_stderr: list[str] = []
     open_streams = 2
     try:
         while open_streams:
@@ -249,7 +249,7 @@ def run_geoseg(executable: str, args: Sequence[str], *, env: Optional[Dict[str, 
     return result
 
 
-def _event(line: str) -> Optional[dict]:
+def _event(line: str) -> dict | None:
     s = line.strip()
     if not s.startswith("{"):
         return None
@@ -260,7 +260,7 @@ def _event(line: str) -> Optional[dict]:
     return obj if isinstance(obj, dict) and "event" in obj else None
 
 
-def _error_line(stderr: List[str]) -> Optional[str]:
+def _error_line(stderr: list[str]) -> str | None:
     """geoseg's ``geoseg: error: ...`` line, else click's ``Error: ...``, else the last line."""
     for prefix in ("geoseg: error: ", "Error: "):
         for line in reversed(stderr):

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import struct
 
-from qgis.core import (QgsColorRampShader, QgsProcessingLayerPostProcessorInterface, QgsRasterLayer,
-                       QgsRasterShader, QgsRasterTransparency, QgsSingleBandPseudoColorRenderer)
+from qgis.core import (
+    QgsColorRampShader,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsRasterLayer,
+    QgsRasterShader,
+    QgsRasterTransparency,
+    QgsSingleBandPseudoColorRenderer,
+)
 from qgis.PyQt.QtGui import QColor
 
 #: (value, colour) stops of the probability ramp (matplotlib's viridis at 0, ¼, ½, ¾, 1).
@@ -76,13 +82,13 @@ class ProbabilityStyler(QgsProcessingLayerPostProcessorInterface):
         self.threshold = threshold
 
     @classmethod
-    def create(cls, threshold: float) -> "ProbabilityStyler":
+    def create(cls, threshold: float) -> ProbabilityStyler:
         styler = cls(threshold)
         cls._keep.append(styler)
         del cls._keep[:-8]
         return styler
 
-    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS API name
+    def postProcessLayer(self, layer, context, feedback):
         if isinstance(layer, QgsRasterLayer):
             style_probabilities(layer, self.threshold)
 
@@ -93,13 +99,13 @@ class PolygonStyler(QgsProcessingLayerPostProcessorInterface):
     _keep: list = []
 
     @classmethod
-    def create(cls) -> "PolygonStyler":
+    def create(cls) -> PolygonStyler:
         styler = cls()
         cls._keep.append(styler)
         del cls._keep[:-8]
         return styler
 
-    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS API name
+    def postProcessLayer(self, layer, context, feedback):
         # Re-vectorizing rewrites the run's polygons.gpkg; Processing then hands back the layer already
         # in the project for that file, which must re-read it.
         layer.reload()
