@@ -176,7 +176,7 @@ def test_runner_cancel_kills_the_process_tree(tmp_path):
     exe = _fake_geoseg(tmp_path, f"""
 import signal, subprocess
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 open({str(pidfile)!r}, "w").write(str(p.pid))
 print(json.dumps({{"event": "progress", "done": 0, "total": 9}}), flush=True)
 time.sleep(600)
@@ -197,7 +197,10 @@ time.sleep(600)
     deadline = time.monotonic() + 2.0  # SIGKILL is delivered asynchronously to the rest of the group
     while _alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(grandchild)
+    survived = _alive(grandchild)
+    if survived:
+        os.kill(grandchild, 9)  # do not leave it behind when the test fails
+    assert not survived
 
 
 # -- the CLI's JSON-lines mode (what the plugin reads) ------------------------------------------------
