@@ -367,6 +367,30 @@ def main(config_path: str) -> None:
         return out
 
     step("vectorize", vectorize)
+
+    def thin():
+        """evaluate / train through a stand-in executable that records how it was called."""
+        from qgis.core import (
+            QgsProcessingFeatureSourceDefinition,
+            QgsProject,
+            QgsVectorLayer,
+        )
+
+        labels = QgsVectorLayer(f"{work / 'segment_polygons.gpkg'}|layername=segments", "labels", "ogr")
+        QgsProject.instance().addMapLayer(labels)
+        labels.selectByIds(sorted(f.id() for f in labels.getFeatures())[:5])
+        ProcessingConfig.setSettingValue("GEOSEG_EXECUTABLE", cfg["fake_geoseg"])
+        try:
+            ev = _run("geoseg:evaluate", {
+                "RUN": str(run_dir), "CLASS_FIELD": "prompt", "OUTPUT": str(work / "evaluation"),
+                "TRUTH": QgsProcessingFeatureSourceDefinition(labels.id(), selectedFeaturesOnly=True)}, Recorder())
+            tr = _run("geoseg:train", {"INPUT": cfg["raster"], "LABELS": labels.id(), "CLASS_FIELD": "prompt",
+                                       "STEPS": 3, "OUTPUT": str(work / "trained")}, Recorder())
+        finally:
+            ProcessingConfig.setSettingValue("GEOSEG_EXECUTABLE", cfg["geoseg"])
+        return {"evaluate": ev, "train": tr, "labels_total": labels.featureCount()}
+
+    step("thin", thin)
     sys.stdout.write(json.dumps(report, default=str) + "\n")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -161,6 +161,20 @@ sys.exit(1)
         runner.run_geoseg(exe3, [])
 
 
+def test_text_result_for_commands_without_result_event(tmp_path):
+    exe = _fake_geoseg(tmp_path, 'print("IoU 0.5"); print(json.dumps({"event": "log", "message": "m"})); print("F1 0.6")')
+    assert runner.run_geoseg(exe, [], text_result=True)["text"] == "IoU 0.5\nF1 0.6"
+    with pytest.raises(runner.GeosegRunError, match="no result"):
+        runner.run_geoseg(exe, [])
+
+
+def test_evaluate_and_train_args():
+    assert runner.evaluate_args("/run", "/t.gpkg", class_field="cls", prompt="", output="/o", overwrite=True) == [
+        "evaluate", "/run", "--truth", "/t.gpkg", "--class-field", "cls", "--output", "/o", "--overwrite"]
+    assert runner.train_args("r.tif", "l.gpkg", "/m", prompts=["roof", " "], steps=5, resolution=0) == [
+        "train", "r.tif", "--labels", "l.gpkg", "--output", "/m", "--prompt", "roof", "--steps", "5"]
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -217,6 +231,21 @@ def test_cli_jsonl_error_event(tmp_path):
 
 # -- in real QGIS ---------------------------------------------------------------------------------------
 
+#: Stands in for ``geoseg evaluate`` / ``geoseg train`` (built on other branches): records its
+#: arguments and the vector file it was given, prints plain text as those commands do.
+FAKE_RECORDER = """
+import pyogrio
+args = sys.argv[1:]
+vec = args[args.index("--truth" if "--truth" in args else "--labels") + 1]
+out = args[args.index("--output") + 1]
+os.makedirs(out, exist_ok=True)
+info = {"argv": args, "features": int(pyogrio.read_info(vec)["features"]),
+        "layers": [str(x[0]) for x in pyogrio.list_layers(vec)]}
+json.dump(info, open(os.path.join(out, "fake_call.json"), "w"))
+print(f"read {info['features']} polygons")
+"""
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_model_dir) -> dict:
     work = tmp_path_factory.mktemp("qgis-plugin")
@@ -232,6 +261,7 @@ def report(tmp_path_factory, tiny_model_dir) -> dict:
         "vectorize_threshold": VECTORIZE_THRESHOLD, "chunk_size": 352, "min_area": MIN_AREA,
         "qgis_process": _qgis_process(), "qgis_process_home": str(work / "home"),
     }
+    cfg["fake_geoseg"] = _fake_geoseg(work, FAKE_RECORDER)
     (work / "config.json").write_text(json.dumps(cfg))
     rt = work / "xdg"
     rt.mkdir(mode=0o700)
@@ -267,9 +297,9 @@ def _step(report, name):
 def test_provider_registered(report):
     s = _step(report, "setup")
     assert s["module_file"].startswith(report["_cfg"]["plugins_dir"])  # the extracted zip, not the source tree
-    assert s["algorithms"] == ["geoseg:segment", "geoseg:vectorize"]
-    assert s["display_names"] == {"geoseg:segment": "Segment raster by text prompts",
-                                  "geoseg:vectorize": "Re-vectorize a run at a new threshold"}
+    assert s["algorithms"] == ["geoseg:evaluate", "geoseg:segment", "geoseg:train", "geoseg:vectorize"]
+    assert s["display_names"]["geoseg:segment"] == "Segment raster by text prompts"
+    assert s["display_names"]["geoseg:vectorize"] == "Re-vectorize a run at a new threshold"
     assert s["icon_null"] is False
     assert {"INPUT", "PROMPTS", "MODEL", "THRESHOLD", "RESOLUTION", "CHUNK_SIZE", "WORKERS", "SCHEDULER",
             "OUTPUT"} <= set(s["segment_params"])
@@ -299,7 +329,7 @@ def test_cancel_stops_geoseg_and_its_workers(report):
     assert c["manifest_status"] != "complete"
     assert len(c["parts"]) >= 1  # the finished chunk stays for the re-run
     # progress streamed from geoseg's chunk events: the first chunk of 2 is 95 % / 2
-    assert [p for p in c["progress"] if p > 0][0] == pytest.approx(47.5)
+    assert next(p for p in c["progress"] if p > 0) == pytest.approx(47.5)
 
 
 @needs_qgis
@@ -474,3 +504,24 @@ def test_vectorize_at_new_threshold(report):
     assert set(gdf["threshold"].round(6)) == {VECTORIZE_THRESHOLD}
     (lyr,) = v["layers"]  # the project's polygon layer, re-read: not a stale copy beside a new one
     assert lyr["valid"] and lyr["features"] == len(gdf) and lyr["renderer"] == "categorizedSymbol"
+
+
+@needs_qgis
+def test_evaluate_and_train_call_the_cli(report):
+    t = _step(report, "thin")
+    ev, tr = t["evaluate"], t["train"]
+    assert "exception" not in ev and "exception" not in tr, (ev.get("exception"), tr.get("exception"))
+    work = Path(report["_cfg"]["work"])
+    call = json.loads((work / "evaluation" / "fake_call.json").read_text())
+    a = call["argv"]
+    assert a[:5] == ["--progress", "jsonl", "evaluate", str(report["_run_dir"]), "--truth"]
+    assert a[6:] == ["--class-field", "prompt", "--output", str(work / "evaluation"), "--overwrite"]
+    assert call["features"] == 5 and len(call["layers"]) == 1  # only the selection, as one plain layer
+    assert ev["results"]["REPORT"] == "read 5 polygons"  # the command's text output
+    call = json.loads((work / "trained" / "fake_call.json").read_text())
+    a = call["argv"]
+    assert a[:3] == ["--progress", "jsonl", "train"] and a[3] == str(RASTER) and a[4] == "--labels"
+    assert a[6:] == ["--output", str(work / "trained"), "--class-field", "prompt", "--model",
+                     "CIDAS/clipseg-rd64-refined", "--steps", "3", "--device", "auto"]
+    assert call["features"] == t["labels_total"] > 5  # the whole layer: nothing selected-only here
+    assert tr["results"]["MODEL_DIR"] == str(work / "trained")

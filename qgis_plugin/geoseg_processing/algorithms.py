@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from qgis.core import (
@@ -10,11 +11,15 @@ from qgis.core import (
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
+    QgsProcessingOutputFolder,
     QgsProcessingOutputNumber,
     QgsProcessingOutputRasterLayer,
+    QgsProcessingOutputString,
     QgsProcessingOutputVectorLayer,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterField,
     QgsProcessingParameterFile,
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterNumber,
@@ -27,8 +32,10 @@ from .provider import configured_env, configured_executable, icon
 from .runner import (
     GeosegCancelled,
     GeosegRunError,
+    evaluate_args,
     run_geoseg,
     segment_args,
+    train_args,
     vectorize_args,
 )
 from .styling import PolygonStyler, ProbabilityStyler
@@ -70,7 +77,7 @@ class GeosegAlgorithm(QgsProcessingAlgorithm):
     def createInstance(self):
         return type(self)()
 
-    def run_cli(self, args, feedback) -> dict:
+    def run_cli(self, args, feedback, text_result=False) -> dict:
         """Run geoseg with ``args``; a geoseg failure becomes one QgsProcessingException line."""
         try:
             exe = configured_executable()
@@ -95,7 +102,8 @@ class GeosegAlgorithm(QgsProcessingAlgorithm):
 
         try:
             result = run_geoseg(exe, args, env=env, on_start=on_start, on_progress=on_progress, on_log=on_log,
-                                on_output=feedback.pushConsoleInfo, is_canceled=feedback.isCanceled)
+                                on_output=feedback.pushConsoleInfo, is_canceled=feedback.isCanceled,
+                                text_result=text_result)
         except GeosegCancelled as exc:
             raise QgsProcessingException(f"geoseg {exc}")
         except GeosegRunError as exc:
@@ -254,4 +262,100 @@ class VectorizeAlgorithm(GeosegAlgorithm):
         return {"POLYGONS": polygons, "FEATURES": int(result.get("features", 0))}
 
 
-ALGORITHMS = (SegmentAlgorithm, VectorizeAlgorithm)
+def polygons_file(alg, parameters, name, context, feedback) -> str:
+    """A one-layer GeoPackage of the source's features (only the selected ones when the user ticked
+    "Selected features only"), for a geoseg command that takes a vector file path."""
+    # no format counts as compatible: always written out, so a multi-layer GeoPackage, a database
+    # layer or a selection all reach geoseg as one plain file
+    return alg.parameterAsCompatibleSourceLayerPath(parameters, name, context, ["geoseg-export"], "gpkg", feedback)
+
+
+class EvaluateAlgorithm(GeosegAlgorithm):
+    """Thin wrapper of ``geoseg evaluate RUN --truth FILE [--class-field F] [--prompt P] [-o DIR]``."""
+
+    RUN, TRUTH, CLASS_FIELD, PROMPT, OUTPUT = "RUN", "TRUTH", "CLASS_FIELD", "PROMPT", "OUTPUT"
+
+    def name(self):
+        return "evaluate"
+
+    def displayName(self):
+        return "Evaluate a run against reference polygons"
+
+    def shortHelpString(self):
+        return ("Scores a finished <i>Segment raster by text prompts</i> run against reference polygons (pixel "
+                "IoU, F1, precision, recall per prompt, best thresholds) with <tt>geoseg evaluate</tt>. Use "
+                "<i>Selected features only</i> to score against part of a layer.")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterFile(self.RUN, "Run folder (output folder of a segment run)",
+                                                     behavior=QgsProcessingParameterFile.Folder))
+        self.addParameter(QgsProcessingParameterFeatureSource(self.TRUTH, "Reference polygons",
+                                                              [QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field (its values are the prompts)",
+                                                      parentLayerParameterName=self.TRUTH, optional=True))
+        self.addParameter(QgsProcessingParameterString(self.PROMPT, "Prompt the polygons show (when there is no "
+                                                       "class field)", optional=True))
+        self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, "Report folder"))
+        self.addOutput(QgsProcessingOutputString("REPORT", "Scores (text)"))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        truth = polygons_file(self, parameters, self.TRUTH, context, feedback)
+        output = self.parameterAsString(parameters, self.OUTPUT, context)
+        args = evaluate_args(self.parameterAsFile(parameters, self.RUN, context), truth,
+                             class_field=self.parameterAsString(parameters, self.CLASS_FIELD, context),
+                             prompt=self.parameterAsString(parameters, self.PROMPT, context),
+                             output=output, overwrite=True)
+        result = self.run_cli(args, feedback, text_result=True)
+        return {self.OUTPUT: output, "REPORT": result.get("text") or json.dumps(result)}
+
+
+class TrainAlgorithm(GeosegAlgorithm):
+    """Thin wrapper of ``geoseg train RASTER --labels FILE -o DIR [--class-field F] [--prompt P ...]``."""
+
+    INPUT, LABELS, CLASS_FIELD, PROMPTS, MODEL = "INPUT", "LABELS", "CLASS_FIELD", "PROMPTS", "MODEL"
+    STEPS, DEVICE, OUTPUT = "STEPS", "DEVICE", "OUTPUT"
+
+    def name(self):
+        return "train"
+
+    def displayName(self):
+        return "Fine-tune the model on labelled polygons"
+
+    def shortHelpString(self):
+        return ("Fine-tunes CLIPSeg's decoder on labelled polygons over a raster with <tt>geoseg train</tt> and "
+                "writes a model folder to use as the <i>Model</i> of <i>Segment raster by text prompts</i>.")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
+        self.addParameter(QgsProcessingParameterFeatureSource(self.LABELS, "Labelled polygons",
+                                                              [QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field", optional=True,
+                                                      parentLayerParameterName=self.LABELS))
+        self.addParameter(QgsProcessingParameterString(self.PROMPTS, "Prompts (one per line)", multiLine=True,
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterString(self.MODEL, "Base model (hub id or local folder)",
+                                                       defaultValue=DEFAULT_MODEL))
+        self.addParameter(QgsProcessingParameterNumber(self.STEPS, "Optimiser steps (at most)",
+                                                       QgsProcessingParameterNumber.Integer, 1000, minValue=1))
+        self.addParameter(_advanced(QgsProcessingParameterString(
+            self.DEVICE, "Device (auto, cpu, cuda, cuda:1, mps)", defaultValue="auto")))
+        self.addParameter(QgsProcessingParameterFolderDestination(self.OUTPUT, "Model folder"))
+        self.addOutput(QgsProcessingOutputFolder("MODEL_DIR", "Model folder"))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None or layer.providerType() != "gdal":
+            raise QgsProcessingException("geoseg train needs a GDAL raster layer")
+        labels = polygons_file(self, parameters, self.LABELS, context, feedback)
+        output = self.parameterAsString(parameters, self.OUTPUT, context)
+        args = train_args(layer.source(), labels, output,
+                          prompts=self.parameterAsString(parameters, self.PROMPTS, context).splitlines(),
+                          class_field=self.parameterAsString(parameters, self.CLASS_FIELD, context),
+                          model=self.parameterAsString(parameters, self.MODEL, context),
+                          steps=self.parameterAsInt(parameters, self.STEPS, context),
+                          device=self.parameterAsString(parameters, self.DEVICE, context))
+        self.run_cli(args, feedback, text_result=True)
+        return {self.OUTPUT: output, "MODEL_DIR": output}
+
+
+ALGORITHMS = (SegmentAlgorithm, VectorizeAlgorithm, EvaluateAlgorithm, TrainAlgorithm)

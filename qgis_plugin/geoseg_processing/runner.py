@@ -122,6 +122,36 @@ def vectorize_args(run_dir: str, *, threshold: float | None = None, min_area: fl
     return args
 
 
+def evaluate_args(run_dir: str, truth: str, *, class_field: str | None = None, prompt: str | None = None,
+                  output: str | None = None, overwrite: bool = False) -> list[str]:
+    """``geoseg evaluate`` arguments (scores a finished run against reference polygons)."""
+    args = ["evaluate", run_dir, "--truth", truth]
+    _opt(args, "--class-field", class_field or None)
+    _opt(args, "--prompt", prompt.strip() if prompt else None)
+    _opt(args, "--output", output or None)
+    if overwrite:
+        args.append("--overwrite")
+    return args
+
+
+def train_args(raster: str, labels: str, output: str, *, prompts: Sequence[str] = (),
+               class_field: str | None = None, model: str | None = None, steps: int | None = None,
+               device: str | None = None, resolution: float | None = None, overwrite: bool = False) -> list[str]:
+    """``geoseg train`` arguments (fine-tunes the decoder on labelled polygons into a model folder)."""
+    args = ["train", raster, "--labels", labels, "--output", output]
+    _opt(args, "--class-field", class_field or None)
+    for p in prompts:
+        if p and p.strip():
+            args += ["--prompt", p.strip()]
+    _opt(args, "--model", model.strip() if model else None)
+    _opt(args, "--steps", steps or None)
+    _opt(args, "--device", device.strip() if device else None)
+    _opt(args, "--resolution", resolution or None)
+    if overwrite:
+        args.append("--overwrite")
+    return args
+
+
 def command_line(cmd: Sequence[str]) -> str:
     """The command as a user could paste it into a shell (for the Processing log)."""
     if os.name == "nt":
@@ -144,7 +174,7 @@ def kill_tree(proc: subprocess.Popen, grace: float = KILL_GRACE_S) -> None:
         _signal_group(proc.pid, signal.SIGKILL)
         return
     if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], check=False, capture_output=True)
         proc.wait()
         return
     _signal_group(proc.pid, signal.SIGTERM)
@@ -168,8 +198,11 @@ def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | No
                on_log: Callable[[str, str], None] = lambda level, message: None,
                on_output: Callable[[str], None] = lambda line: None,
                on_start: Callable[[int, str], None] = lambda pid, cmdline: None,
-               is_canceled: Callable[[], bool] = lambda: False) -> dict:
+               is_canceled: Callable[[], bool] = lambda: False, text_result: bool = False) -> dict:
     """Run ``executable --progress jsonl *args``; return its ``result`` event as a dict.
+
+    ``text_result``: a command that prints plain text instead of a result event (evaluate and train
+    as their branches stand) succeeds with ``{"text": <its stdout lines>}``.
 
     Callbacks run in the calling thread: ``on_progress(done, total)`` per progress event,
     ``on_log(level, message)`` per log event, ``on_output(line)`` for anything else geoseg or its
@@ -199,6 +232,7 @@ def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | No
     result: dict | None = None
     error: str | None = None
     last_stderr: list[str] = []
+    stdout_text: list[str] = []
     open_streams = 2
     try:
         while open_streams:
@@ -217,6 +251,8 @@ def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | No
             if event is None:
                 if line.strip():
                     on_output(line)
+                    if name == "stdout":
+                        stdout_text.append(line)
                     if name == "stderr":
                         last_stderr = (last_stderr + [line.strip()])[-20:]
                 continue
@@ -244,6 +280,8 @@ def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | No
                 stream.close()
     if proc.returncode != 0:
         raise GeosegRunError(error or _error_line(last_stderr) or f"geoseg exited with status {proc.returncode}")
+    if result is None and text_result:
+        return {"event": "result", "text": "\n".join(stdout_text)}
     if result is None:
         raise GeosegRunError(f"{executable} printed no result; is it geoseg >= 0.1 (needs --progress jsonl)?")
     return result

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import struct
+from typing import ClassVar
 
 from qgis.core import (
     QgsColorRampShader,
@@ -75,7 +76,7 @@ def style_polygons(layer) -> None:
 class ProbabilityStyler(QgsProcessingLayerPostProcessorInterface):
     """Styles the probability layer after Processing loaded it."""
 
-    _keep: list = []  # Processing does not own Python post-processors: keep them alive
+    _keep: ClassVar[list] = []  # Processing does not own Python post-processors: keep them alive
 
     def __init__(self, threshold: float):
         super().__init__()
@@ -96,7 +97,7 @@ class ProbabilityStyler(QgsProcessingLayerPostProcessorInterface):
 class PolygonStyler(QgsProcessingLayerPostProcessorInterface):
     """Makes sure the polygon layer wears the GeoPackage's default style."""
 
-    _keep: list = []
+    _keep: ClassVar[list] = []
 
     @classmethod
     def create(cls) -> PolygonStyler:
