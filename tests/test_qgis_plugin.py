@@ -251,13 +251,15 @@ def report(tmp_path_factory, tiny_model_dir) -> dict:
     work = tmp_path_factory.mktemp("qgis-plugin")
     z = build_zip.build_zip(work / "dist")
     plugins = work / "plugins"
+    # a copy: QGIS writes statistics (.aux.xml) beside a raster it draws, never into the checkout
+    raster = Path(shutil.copy(RASTER, work / RASTER.name))
     with zipfile.ZipFile(z) as zf:  # what "Install from ZIP" does: extract into the profile's plugins
         zf.extractall(plugins)
     cfg = {
         "work": str(work), "plugins_dir": str(plugins), "geoseg": str(GEOSEG),
         # the venv's geoseg may be an editable install of another checkout: run this one
         "extra_env": f"PYTHONPATH={ROOT}; HF_HUB_OFFLINE=1",
-        "raster": str(RASTER), "model": str(tiny_model_dir), "prompts": PROMPTS, "threshold": THRESHOLD,
+        "raster": str(raster), "model": str(tiny_model_dir), "prompts": PROMPTS, "threshold": THRESHOLD,
         "vectorize_threshold": VECTORIZE_THRESHOLD, "chunk_size": 352, "min_area": MIN_AREA,
         "qgis_process": _qgis_process(), "qgis_process_home": str(work / "home"),
     }
@@ -520,7 +522,7 @@ def test_evaluate_and_train_call_the_cli(report):
     assert ev["results"]["REPORT"] == "read 5 polygons"  # the command's text output
     call = json.loads((work / "trained" / "fake_call.json").read_text())
     a = call["argv"]
-    assert a[:3] == ["--progress", "jsonl", "train"] and a[3] == str(RASTER) and a[4] == "--labels"
+    assert a[:3] == ["--progress", "jsonl", "train"] and a[3] == report["_cfg"]["raster"] and a[4] == "--labels"
     assert a[6:] == ["--output", str(work / "trained"), "--class-field", "prompt", "--model",
                      "CIDAS/clipseg-rd64-refined", "--steps", "3", "--device", "auto"]
     assert call["features"] == t["labels_total"] > 5  # the whole layer: nothing selected-only here
