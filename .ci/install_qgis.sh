@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install QGIS' Python bindings (Debian: python3-qgis + qgis-providers) for tests/test_qgis.py.
+# Install QGIS' Python bindings (Debian: python3-qgis + qgis-providers) for tests/test_qgis.py, and
+# qgis_process (Debian: qgis, without recommends) for tests/test_qgis_plugin.py.
 #
-# Idempotent: exits at once when the system Python can already `import qgis.core`. Non-interactive.
+# Idempotent: exits at once when the system Python can already `import qgis.core` and qgis_process
+# is installed. Non-interactive.
 # The bindings belong to the *system* Python (/usr/bin/python3, 3.11 on Debian 12, QGIS 3.22.16);
 # they are not pip-installable into the project venv, which is why tests/qgis_check.py runs them
 # in a subprocess. Needs root (or sudo) and network access to the Debian mirror; ~300 packages,
@@ -11,7 +13,7 @@ set -euo pipefail
 PY=/usr/bin/python3
 check() { QT_QPA_PLATFORM=offscreen "$PY" -c "import qgis.core" >/dev/null 2>&1; }
 
-if [ -x "$PY" ] && check; then
+if [ -x "$PY" ] && check && [ -x /usr/bin/qgis_process.bin ]; then
     echo "QGIS already available: $(QT_QPA_PLATFORM=offscreen "$PY" -c 'import qgis.core as q; print(q.Qgis.QGIS_VERSION)')"
     exit 0
 fi
@@ -34,6 +36,9 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
     python3-qgis qgis-providers
+$SUDO apt-get install -y -q --no-install-recommends \
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+    qgis
 echo "apt install took $(( $(date +%s) - start ))s"
 
 if ! check; then

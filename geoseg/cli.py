@@ -16,6 +16,7 @@ import click
 from . import __version__
 from .config import CHUNK_SIZE, DEFAULT_MODEL, DEFAULT_THRESHOLD, STRIDE, TILE_SIZE, SegmentConfig, VectorizeConfig
 from .errors import GeosegError
+from .progress import MODES, JsonlLogHandler, emit, is_jsonl, result, set_mode
 
 
 def _floats(ctx, param, value):
@@ -76,6 +77,8 @@ def handle_errors(f):
         except GeosegError as exc:
             if debug:
                 raise
+            if is_jsonl():
+                emit("error", message=str(exc))
             click.echo(f"geoseg: error: {exc}", err=True)
             sys.exit(1)
     return wrapper
@@ -85,9 +88,13 @@ def handle_errors(f):
 @click.version_option(__version__, prog_name="geoseg")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-def main(verbose, debug):
+@click.option("--progress", "progress_mode", type=click.Choice(MODES), default="bar", show_default=True,
+              help="bar: a progress bar and plain text. jsonl: one JSON object per line on stdout "
+                   "(progress, log, result and error events) for programs such as the QGIS plugin.")
+def main(verbose, debug, progress_mode):
     """Text-prompted segmentation of georeferenced rasters (CLIPSeg + Dask)."""
-    handler = logging.StreamHandler()
+    set_mode(progress_mode)
+    handler: logging.Handler = JsonlLogHandler() if is_jsonl() else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("geoseg: %(levelname)s: %(message)s"))
     logger = logging.getLogger("geoseg")
     logger.addHandler(handler)
@@ -142,7 +149,11 @@ def segment(input, quiet, **kw):
 
     vector = _vector_config(kw)
     config = SegmentConfig(input=input, vector=vector, **kw)
-    click.echo(run(config, progress=not quiet).summary())
+    res = run(config, progress=not quiet)
+    result(res.summary(), command="segment", run_dir=res.run_dir, probabilities=res.probabilities,
+           polygons=res.polygons, layer="segments" if res.polygons.suffix == ".gpkg" else None,
+           features=res.features, chunks_run=res.chunks_run, chunks_resumed=res.chunks_skipped,
+           prompts=list(config.prompts), thresholds=list(vector.thresholds_for(len(config.prompts))))
 
 
 @main.command()
@@ -153,8 +164,10 @@ def vectorize(run_dir, **kw):
     """Re-threshold and re-vectorize RUN_DIR from its stored probabilities (no model run)."""
     from .pipeline import vectorize as run
 
-    path, n = run(run_dir, _vector_config(kw))
-    click.echo(f"{path} ({n} polygons)")
+    vector = _vector_config(kw)
+    path, n = run(run_dir, vector)
+    result(f"{path} ({n} polygons)", command="vectorize", run_dir=run_dir, polygons=path,
+           layer="segments" if path.suffix == ".gpkg" else None, features=n, thresholds=list(vector.threshold))
 
 
 @main.command()

@@ -186,7 +186,8 @@ class ChunkSubmitter:
     def run(self, jobs: Sequence[ChunkJob], progress: bool = False) -> Iterator[ChunkResult]:
         """Run every job; yield each chunk's :class:`ChunkResult` as it finishes."""
         from distributed import as_completed
-        from tqdm.auto import tqdm
+
+        from .progress import progress_bar
 
         if not jobs:
             return
@@ -200,7 +201,7 @@ class ChunkSubmitter:
         pending = as_completed([self.submit(j) for j in itertools.islice(todo, self.window)])
         model_tiles = 0
         try:
-            with tqdm(total=len(jobs), unit="chunk", disable=not progress, desc="segment") as bar:
+            with progress_bar(total=len(jobs), unit="chunk", disable=not progress, desc="segment") as bar:
                 for future in pending:
                     outcome = self._result(future)
                     model_tiles += outcome.model_tiles
