@@ -23,6 +23,7 @@ from tiny_model import (  # noqa: E402
     build_tiny_clipseg,
     seed_hf_cache,
 )
+from tolerance import assert_forward_close  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: geoseg's own CLIPSeg wrapper; the tests that use it run whenever the file exists (an import error fails)
@@ -220,7 +221,8 @@ def test_segmenter_logits_match_stock_forward(tiny_dir, tiny_model, size):
                 pixel_values=pixel_values,
             )
         assert out.logits.shape == (n, size, size)
-        torch.testing.assert_close(emb[k].expand(n, -1), out.conditional_embeddings, rtol=0, atol=1e-5)
-        torch.testing.assert_close(fast[:, k], out.logits, rtol=0, atol=1e-5)
+        # float32 reassociation only (threads, kernels): relative to the largest value, see tolerance.py
+        assert_forward_close(emb[k].expand(n, -1).numpy(), out.conditional_embeddings.numpy())
+        assert_forward_close(fast[:, k].numpy(), out.logits.numpy())
     # the prompts really give different maps (the test is not vacuous)
     assert (fast[:, 0] - fast[:, 1]).abs().max() > 1e-3
