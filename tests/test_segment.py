@@ -56,10 +56,10 @@ def test_chunk_size_does_not_change_output(tmp_path, inproc_client, perpixel):
     outs = [run(tmp_path, src, inproc_client, perpixel, name=f"c{c}", chunk_size=c) for c in (352, 600, 2048)]
     assert [o.chunks_run for o in outs] == [12, 6, 1]  # 384-, 640- and 2048-px chunks (block aligned)
     arrays = [read_probs(o) for o in outs]
-    for a in arrays[1:]:
-        # exact by construction: a pixel gets the same tiles (the global grid) with the same model output
+    # exact by construction: a pixel gets the same tiles (the global grid) with the same model output
     # (one tile at a time, per-pixel model), summed in the same row-major order for any chunk size
-    assert np.array_equal(a, arrays[0], equal_nan=True)
+    for a in arrays[1:]:
+        assert np.array_equal(a, arrays[0], equal_nan=True)
 
 
 def test_output_metadata_and_nodata(tmp_path, inproc_client, perpixel):
