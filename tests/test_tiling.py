@@ -9,12 +9,20 @@ two float64 cosines and a few float64 operations, so within 1e-12; everything el
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoseg.tiling import Region, axis_weights, halo, tile_starts, tile_weights, tiles_touching
+from geoseg.tiling import (
+    Region,
+    axis_weights,
+    halo,
+    tile_starts,
+    tile_weights,
+    tiles_touching,
+)
 
 EPS64 = 1e-12  # a few float64 roundings of values <= 1 (see the module docstring)
 
@@ -43,8 +51,8 @@ def test_tile_starts_cover_every_pixel_with_a_flush_last_tile(g):
     s = tile_starts(length, tile, stride)
     assert s[0] == 0
     assert s[-1] == max(0, length - tile), "the last tile is flush with the raster edge"
-    assert all(b > a for a, b in zip(s, s[1:]))
-    assert all(b - a == stride for a, b in zip(s, s[1:-1])) and all(b - a <= stride for a, b in zip(s, s[1:]))
+    assert all(b > a for a, b in pairwise(s))
+    assert all(b - a == stride for a, b in pairwise(s[:-1])) and all(b - a <= stride for a, b in pairwise(s))
     covered = np.zeros(max(length, tile), bool)
     for a in s:
         covered[a:a + tile] = True
@@ -78,7 +86,7 @@ def test_ramps_are_continuous_and_neighbouring_ramps_sum_to_one(g):
     for _, w in tiles:
         assert np.abs(np.diff(w)).max(initial=0) <= max_step + EPS64
     if stride * 2 >= tile:  # ramp == overlap: two tiles a stride apart meet ramp to ramp
-        for (a, wa), (b, wb) in zip(tiles, tiles[1:]):
+        for (a, wa), (b, wb) in pairwise(tiles):
             if b - a != stride:
                 continue  # the flush last tile overlaps more; the division by Σw handles it
             overlap = tile - stride
