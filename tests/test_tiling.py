@@ -44,7 +44,7 @@ def coverage(length, tile, stride):
     return total[:length], tiles
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(grids())
 def test_tile_starts_cover_every_pixel_with_a_flush_last_tile(g):
     length, tile, stride = g
@@ -60,7 +60,7 @@ def test_tile_starts_cover_every_pixel_with_a_flush_last_tile(g):
     assert len(s) == (1 if length <= tile else math.ceil((length - tile) / stride) + 1)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(grids())
 def test_weights_positive_untapered_at_the_boundary_and_normalisable(g):
     length, tile, stride = g
@@ -75,7 +75,7 @@ def test_weights_positive_untapered_at_the_boundary_and_normalisable(g):
     assert (total >= 1 - EPS64).all()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(grids())
 def test_ramps_are_continuous_and_neighbouring_ramps_sum_to_one(g):
     length, tile, stride = g
@@ -109,7 +109,7 @@ def test_the_default_design():
     np.testing.assert_allclose(t, np.outer(w[1], w[0]), rtol=2 ** -24, atol=0)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(grids(max_length=900), st.data())
 def test_tiles_touching_a_region_are_every_tile_that_overlaps_it(g, data):
     """A chunk's halo holds every global-grid tile touching it, in row-major order (one tile fewer
