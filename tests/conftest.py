@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+#: Run the suite under another torch thread count (float tolerances must hold at any): e.g.
+#: ``GEOSEG_TEST_TORCH_THREADS=2 pytest``. OMP_NUM_THREADS/MKL_NUM_THREADS work as usual too.
+_TORCH_THREADS = os.environ.get("GEOSEG_TEST_TORCH_THREADS")
+if _TORCH_THREADS:
+    import torch
+
+    torch.set_num_threads(int(_TORCH_THREADS))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 RASTERS = SHARED / "rasters"

@@ -64,3 +64,64 @@ class ZeroCostFactory:
 
     def __call__(self):
         return ZeroCostSegmenter()
+
+
+# -- position-dependent models: a per-pixel model cannot tell a feathered blend from a plain average
+# (any positive weights give the same answer), these can.
+
+class TileConstantSegmenter:
+    """Every pixel of a tile gets one value: the tile's red input at its centre pixel (row T//2, col T//2).
+
+    The value differs from tile to tile (noise input), so the blend of overlapping tiles is a visible
+    mix whose shape is the blend weights themselves. Same value for every prompt.
+    """
+
+    def encode_prompts(self, prompts):
+        return len(prompts)
+
+    def predict(self, tiles, embeddings):
+        n, _, th, tw = tiles.shape
+        centre = tiles[:, 0, th // 2, tw // 2]
+        return np.broadcast_to(centre[:, None, None, None], (n, embeddings, th, tw)).astype(np.float32)
+
+
+class TileConstantFactory:
+    def key(self):
+        return ("tile-constant",)
+
+    def __call__(self):
+        return TileConstantSegmenter()
+
+
+class BorderFaultySegmenter(PerPixelSegmenter):
+    """The per-pixel model in the tile's interior, garbage (``fault``) within ``border`` px of any tile side.
+
+    Models like CLIPSeg are least reliable near the tile border where their context is cut off; the
+    blend must suppress that band wherever another tile sees the pixel further inside.
+    """
+
+    def __init__(self, weights, bias, gain=12.0, border=8, fault=1.0):
+        super().__init__(weights, bias, gain)
+        self.border, self.fault = border, np.float32(fault)
+
+    def predict(self, tiles, embeddings):
+        out = super().predict(tiles, embeddings)
+        k = self.border
+        out[..., :k, :] = out[..., -k:, :] = self.fault
+        out[..., :, :k] = out[..., :, -k:] = self.fault
+        return out
+
+
+class BorderFaultyFactory(PerPixelFactory):
+    """Defaults keep the interior truth in 0.03..0.4 on any input: graded values, and no threshold
+    crossings (polygonizing a noise image's speckle would cost seconds and test nothing here)."""
+
+    def __init__(self, weights=((1.0, 0.0, -0.5),), bias=(1.2,), gain=2.0, border=8, fault=1.0):
+        super().__init__(weights, bias, gain)
+        self.border, self.fault = border, fault
+
+    def key(self):
+        return ("border-faulty", *super().key()[1:], self.border, self.fault)
+
+    def __call__(self):
+        return BorderFaultySegmenter(self.weights, self.bias, self.gain, self.border, self.fault)

@@ -9,6 +9,8 @@ from transformers import CLIPSegForImageSegmentation
 
 from geoseg.model.clipseg import ClipSegSegmenter, pick_device
 
+from .tolerance import assert_forward_close
+
 PROMPTS = ["building", "swimming pool", "tree"]
 
 
@@ -47,7 +49,9 @@ def test_predict_equals_stock_pipeline(tiny_model_dir):
         with torch.no_grad():
             logits = stock(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
                            pixel_values=pixels).logits
-        np.testing.assert_allclose(probs[:, k], torch.sigmoid(logits).numpy(), atol=1e-5)
+        # sigmoid's slope is <= 1/4: a logit error of FORWARD_RTOL * max|logit| (float32 reassociation,
+        # see tolerance.py) moves a probability by at most a quarter of it
+        assert_forward_close(probs[:, k], torch.sigmoid(logits).numpy(), scale=0.25 * float(logits.abs().max()))
 
 
 def test_device_choice():

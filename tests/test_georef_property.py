@@ -76,6 +76,8 @@ def test_polygons_land_where_the_model_says(tmp_path_factory, inproc_client, per
     gdf = read_polygons(result.polygons)
     assert same_crs(gdf.crs, "EPSG:32633")
     scale = max(abs(v) for v in tuple(transform)[:6][:2] + tuple(transform)[3:5])
+    # float64 affine of pixel corners: rounding ~1e-16 of the origin's magnitude; 1e-9 of it (and 1e-6
+    # px) is far above that and far below any real offset (a pixel)
     foot = footprint(transform, w, h).buffer(1e-6 * scale + 1e-9 * max(abs(transform.c), abs(transform.f)))
     assert shapely.covered_by(gdf.geometry.values, foot).all()
     valid = classes != 0
@@ -87,6 +89,8 @@ def test_polygons_land_where_the_model_says(tmp_path_factory, inproc_client, per
     px_area = abs(transform.determinant)
     for prompt, expected in zip(("red roof", "blue pool"), expected_masks(classes)):
         area = shapely.area(gdf.geometry.values[(gdf["prompt"] == prompt).to_numpy()]).sum()
+        # polygon area from float64 vertex coordinates far from the origin: shoelace cancellation loses
+        # ~1e-16 · (coordinate / pixel)^2 relative, < 1e-6 for these transforms; the count is exact
         assert area == pytest.approx(expected.sum() * px_area, rel=1e-6, abs=1e-9 * px_area)
 
 

@@ -77,12 +77,13 @@ def test_probabilities_tint_where_probability_is_high(tmp_path, run):
         p = probs_at(run, r, c)
         assert p[k] > 0.95, "the per-pixel model finds its colour"
         got = img[r // 2, c // 2]
-        assert np.abs(got - blend(base, p, colors)).max() <= 1
+        assert np.abs(got - blend(base, p, colors)).max() <= 1  # uint8 output: one rounding step
         # tinted towards the prompt's colour compared with the input pixel
         assert np.abs(got - colors[k]).sum() < np.abs(np.array(base) - colors[k]).sum() - 100
     # low probability on the ground: close to the plain input colour
     p = probs_at(run, 20, 20)
     assert p.max() < 0.1
+    # the tint is at most alpha·p of the way to the colour (255 levels), plus one uint8 rounding step
     assert np.abs(img[10, 10] - np.array(GROUND)).max() <= 255 * MAX_ALPHA * p.max() + 1
 
 

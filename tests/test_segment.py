@@ -42,11 +42,13 @@ def test_tiled_equals_whole_image(tmp_path, inproc_client, perpixel, shape):
     result = run(tmp_path, src, inproc_client, perpixel, chunk_size=400)
     got, ref = read_probs(result), whole_image(src, perpixel)
     assert got.shape == ref.shape
+    # same bound as rasters.check_segmented: Σ(p·w)/Σw over <= 6 tiles of the same float32 p, at most
+    # (3n - 1) float32 roundings of values <= 1 (1.0e-6); elementwise IEEE, so machine-independent
     assert np.nanmax(np.abs(got - ref)) <= 1e-6
     # the raster edges specifically (first/last rows and columns)
     for edge in (got[:, 0], got[:, -1], got[:, :, 0], got[:, :, -1]):
         assert np.isfinite(edge).all()
-    assert np.abs(got[:, -1] - ref[:, -1]).max() <= 1e-6
+    assert np.abs(got[:, -1] - ref[:, -1]).max() <= 1e-6  # as above
 
 
 def test_chunk_size_does_not_change_output(tmp_path, inproc_client, perpixel):
@@ -54,6 +56,8 @@ def test_chunk_size_does_not_change_output(tmp_path, inproc_client, perpixel):
     outs = [run(tmp_path, src, inproc_client, perpixel, name=f"c{c}", chunk_size=c) for c in (352, 600, 2048)]
     assert [o.chunks_run for o in outs] == [12, 6, 1]  # 384-, 640- and 2048-px chunks (block aligned)
     arrays = [read_probs(o) for o in outs]
+    # exact by construction: a pixel gets the same tiles (the global grid) with the same model output
+    # (one tile at a time, per-pixel model), summed in the same row-major order for any chunk size
     for a in arrays[1:]:
         assert np.array_equal(a, arrays[0], equal_nan=True)
 
@@ -143,6 +147,7 @@ def test_uint16_uses_one_global_stretch(tmp_path, inproc_client):
     src = write(tmp_path / "in.tif", data)
     info = inspect_raster(str(src))
     lo, hi = np.percentile(data[0].astype(float), [2, 98])
+    # the stretch is a percentile of a block sample of the raster, not of every pixel: 2 %
     assert info.stretch[0] == pytest.approx((lo, hi), rel=0.02)
     with open_input(info) as ds:
         left, _ = read_rgb(ds, info, Region(0, 0, 500, 250))
@@ -162,5 +167,7 @@ def test_resolution_reads_a_coarser_grid(tmp_path, inproc_client, perpixel):
     # reference: the model on the 2x2 block mean of the image (GDAL 'average' resampling)
     mean = data.reshape(3, 400, 2, 500, 2).astype(np.float64).mean(axis=(2, 4))
     ref = perpixel().whole_image((mean / 255).astype(np.float32))
+    # GDAL's average resampling returns uint8 (rounded or truncated: |Δrgb| <= 1/255); the model's slope
+    # is <= gain/4 · Σ|w_k| = 4.5, so |Δp| <= 0.018 < 0.02 (a modelling bound, not float noise)
     assert np.abs(got - ref).max() < 0.02
     assert json.loads((result.run_dir / "manifest.json").read_text())["raster"]["resampled"] is True

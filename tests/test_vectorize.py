@@ -115,7 +115,7 @@ def test_layouts_identical_including_stats(scene):
         # canonical order and vertices, so even exact equality holds
         assert all(shapely.equals_exact(res.geometry, ref.geometry, 0))
         assert np.array_equal(res.n_px, ref.n_px)
-        np.testing.assert_allclose(res.sum_p, ref.sum_p, rtol=1e-12)
+        np.testing.assert_allclose(res.sum_p, ref.sum_p, rtol=1e-12)  # float64 sums in another order
         assert np.array_equal(res.max_p, ref.max_p)
 
 
@@ -126,7 +126,7 @@ def test_stats_are_exact(scene):
     for geom, n, s, mx in zip(out.geometry, out.n_px, out.sum_p, out.max_p):
         m = burn([geom])
         assert n == m.sum()
-        assert s == pytest.approx(p[m].astype(np.float64).sum(), rel=1e-12)
+        assert s == pytest.approx(p[m].astype(np.float64).sum(), rel=1e-12)  # float64 sums, another order
         assert mx == p[m].max()
 
 
@@ -249,9 +249,10 @@ def test_min_area_after_merge_keeps_large_object_built_from_small_pieces():
     gdf = finalize(merged, Affine(2, 0, 500000, 0, -2, 4000000), UTM, ["blob"], [0.5], min_area=1000)
     assert len(gdf) == 1
     assert gdf.pixels.iloc[0] == 1600
+    # the same geodesic computation on the same float64 vertices (perhaps densified differently): 1e-9
     assert gdf.area_m2.iloc[0] == pytest.approx(ellipsoidal_area(gdf.geometry.iloc[0], UTM)[0], rel=1e-9)
     assert gdf.area_m2.iloc[0] == pytest.approx(1600 * 4, rel=2e-3)  # UTM scale error < 0.1 %
-    assert gdf.geometry.iloc[0].area == pytest.approx(6400)
+    assert gdf.geometry.iloc[0].area == pytest.approx(6400)  # integer-pixel vertices x 2 m: exact in float64
 
 
 def test_fill_holes_and_islands():
@@ -264,7 +265,7 @@ def test_fill_holes_and_islands():
     gdf = finalize(merged, tr, UTM, ["x"], [0.5], fill_holes=5)
     assert len(gdf) == 2 and sorted(gdf.n_holes) == [0, 1]
     big = gdf.loc[gdf.n_holes.idxmax()]
-    assert big.geometry.area == pytest.approx(600 - 210)
+    assert big.geometry.area == pytest.approx(600 - 210)  # unit pixels, integer vertices: exact in float64
     # large hole filled too: the island is absorbed, so nothing overlaps
     gdf = finalize(merged, tr, UTM, ["x"], [0.5], fill_holes=500)
     assert len(gdf) == 1
@@ -296,6 +297,8 @@ def test_coverage_safe_simplify():
     a, b = gdf.geometry
     assert a.is_valid and b.is_valid
     assert sum(len(g.exterior.coords) for g in gdf.geometry) < before  # it did simplify
+    # coverage-safe simplification keeps the shared edge's vertices: overlay rounding only (float64,
+    # coordinates < 100): an overlap below 1e-9 unit² is noise, a real one is >= ~1 unit²
     assert a.intersection(b).area == pytest.approx(0, abs=1e-9)
     assert a.union(b).area == pytest.approx(a.area + b.area, rel=1e-12)
     assert shapely.intersection(a.boundary, b.boundary).length > 10  # still share the edge
@@ -309,6 +312,7 @@ def test_simplify_keeps_diagonal_neighbours_apart(scene):
     tree = shapely.STRtree(g)
     i, j = tree.query(g, predicate="intersects")
     sel = i < j
+    # pytest.approx(0) is an absolute 1e-12: overlay rounding of float64 coordinates < 100, vs >= 1 px²
     assert shapely.area(shapely.intersection(g[i[sel]], g[j[sel]])).max(initial=0) == pytest.approx(0)
 
 
@@ -351,11 +355,11 @@ def test_geographic_area_is_geodesic():
     expected, perim = geod.polygon_area_perimeter([-0.005, 0.005, 0.005, -0.005],
                                                    [-0.005, -0.005, 0.005, 0.005])
     # ~1.2364e6 m² on a 6371 km sphere; the WGS84 ellipsoid gives 1.2309e6
-    assert abs(expected) == pytest.approx(1.2364e6, rel=1e-2)
+    assert abs(expected) == pytest.approx(1.2364e6, rel=1e-2)  # a sanity figure of the set-up, not a check
     # rel 1e-8: geoseg measures the region bounded by the pixels' parallels (exact for a lon/lat
     # grid), pyproj the polygon with geodesic edges, which bulge poleward by ~3e-9 of the area here
     assert gdf.area_m2.iloc[0] == pytest.approx(abs(expected), rel=1e-8)
-    assert gdf.perimeter_m.iloc[0] == pytest.approx(perim, rel=1e-9)
+    assert gdf.perimeter_m.iloc[0] == pytest.approx(perim, rel=1e-9)  # geodesic lengths, float64 (~1e-15)
     # min_area is in m² too
     assert len(finalize(merged, tr, "EPSG:4326", ["x"], [0.5], min_area=1.3e6)) == 0
     assert len(finalize(merged, tr, "EPSG:4326", ["x"], [0.5], min_area=1.2e6)) == 1
@@ -370,11 +374,12 @@ def test_us_survey_feet_area():
     gdf = finalize(merged, tr, "EPSG:2227", ["x"], [0.5])
     ft = 1200 / 3937
     area, perim = ellipsoidal_area(gdf.geometry.iloc[0], "EPSG:2227")
+    # the same geodesic computation on the same float64 vertices: agreement far below 1e-9
     assert gdf.area_m2.iloc[0] == pytest.approx(area, rel=1e-9)
     assert gdf.perimeter_m.iloc[0] == pytest.approx(perim, rel=1e-9)
     # the feet are converted: within the Lambert projection's scale error of the planar figure
     assert gdf.area_m2.iloc[0] == pytest.approx((1000 * ft) ** 2, rel=2e-3)
-    assert gdf.geometry.iloc[0].area == pytest.approx(1000 * 1000)  # geometry stays in feet
+    assert gdf.geometry.iloc[0].area == pytest.approx(1000 * 1000)  # geometry stays in feet (exact vertices)
 
 
 def test_no_crs_areas_in_crs_units():
@@ -406,6 +411,7 @@ def test_antimeridian_split(src, tr):
     assert len(parts) == 2
     minx, miny, maxx, maxy = np.array([p.bounds for p in parts]).T
     assert (minx >= -180).all() and (maxx <= 180).all()
+    # the split point is computed (reprojection + interpolation in float64): 180 to ~1e-13, approx's 1e-6
     assert maxx.max() == pytest.approx(180) and minx.min() == pytest.approx(-180)
     width = float(np.sum(maxx - minx))
     assert 0.1 < width < 1.0  # ~30-36 km, not 360°
@@ -448,7 +454,7 @@ def test_attributes(scene):
     assert ((gdf.mean_prob >= 0.5) & (gdf.mean_prob <= gdf.max_prob)).all()
     assert gdf.pixels.sum() == mask.sum()
     sq = gdf[gdf.pixels == 25].iloc[0]
-    assert sq.compactness == pytest.approx(math.pi / 4)
+    assert sq.compactness == pytest.approx(math.pi / 4)  # 4πA/P² of a square, float64 (~1e-16)
     assert gdf.n_holes.max() == 1
 
 

@@ -1,0 +1,35 @@
+"""Resume trusts a chunk's done-record only when it carries this job's fingerprint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import rasterio
+
+import geoseg
+
+from .models import PerPixelSegmenter
+from .rasters import scene, write
+
+
+def test_a_record_of_another_job_is_not_trusted(tmp_path, inproc_client, perpixel):
+    src = write(tmp_path / "in.tif", scene(800, 800, seed=31))
+    cfg = geoseg.SegmentConfig(str(src), ("red roof", "blue pool"), tmp_path / "out", chunk_size=400)
+    first = geoseg.segment(cfg, client=inproc_client, segmenter_factory=perpixel)
+    with rasterio.open(first.probabilities) as ds:
+        before = ds.read()
+    records = sorted((first.run_dir / "parts").glob("[!.]*.json"))
+    assert len(records) == 4
+    stale = records[0]
+    record = json.loads(stale.read_text())
+    record["fingerprint"] = "0" * 16  # a record left by a different job (other input or options)
+    stale.write_text(json.dumps(record))
+    (first.run_dir / "probabilities.tif").unlink()
+    PerPixelSegmenter.calls = 0
+    again = geoseg.segment(cfg, client=inproc_client, segmenter_factory=perpixel)
+    assert (again.chunks_run, again.chunks_skipped) == (1, 3), "only the stale chunk is recomputed"
+    assert PerPixelSegmenter.calls == again.model_tiles > 0
+    assert json.loads(stale.read_text())["fingerprint"] == first.manifest["fingerprint"]
+    with rasterio.open(again.probabilities) as ds:
+        assert np.array_equal(ds.read(), before, equal_nan=True)
