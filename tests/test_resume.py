@@ -30,6 +30,6 @@ def test_a_record_of_another_job_is_not_trusted(tmp_path, inproc_client, perpixe
     again = geoseg.segment(cfg, client=inproc_client, segmenter_factory=perpixel)
     assert (again.chunks_run, again.chunks_skipped) == (1, 3), "only the stale chunk is recomputed"
     assert PerPixelSegmenter.calls == again.model_tiles > 0
-    assert json.loads(stale.read_text())["fingerprint"] == first.manifest["fingerprint"]
+    assert json.loads(stale.read_text())["fingerprint"] == first.manifest.fingerprint
     with rasterio.open(again.probabilities) as ds:
         assert np.array_equal(ds.read(), before, equal_nan=True)
