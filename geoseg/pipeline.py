@@ -33,6 +33,7 @@ from .atomic import write_json_atomic
 from .errors import ChunkFailedError, GeosegError, NotARunError, OutputExistsError, first_line
 from .export import write_vector
 from .model import SegmenterFactory, cached_segmenter, clipseg_factory, encode_prompts
+from .modelcard import read_model_card
 from .raster import (RasterInfo, bounded_gdal_cache, inspect_raster, open_input, read_window, to_model_rgb,
                      write_cog, write_part, write_vrt)
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
@@ -550,6 +551,7 @@ def _manifest(config: SegmentConfig, info: RasterInfo, fp: str, regions: Sequenc
         "geoseg_version": __version__, "status": "running", "started": _now(), "fingerprint": fp,
         "input": config.input, "model": config.model, "model_revision": config.revision,
         "prompts": list(config.prompts), "options": options,
+        "model_card": read_model_card(config.model),  # a `geoseg train` model directory's card, else None
         "raster": {"width": info.width, "height": info.height, "crs": info.crs_wkt,
                    "transform": list(info.transform)[:6], "bands": list(info.bands),
                    "stretch": [list(s) for s in info.stretch], "resampled": info.resampled},
