@@ -128,7 +128,7 @@ def footprint(info: RasterInfo):
 
     t = info.transform
     corners = [(0, 0), (info.width, 0), (info.width, info.height), (0, info.height)]
-    return Polygon([t * c for c in corners])
+    return Polygon([t @ c for c in corners])
 
 
 def training_area(info: RasterInfo, labels: Labels, aoi_path: str | Path | None, raster_name: str):
@@ -159,7 +159,7 @@ def pixel_window(info: RasterInfo, geom) -> Region:
     """The working-grid pixel rectangle covering ``geom``, clipped to the raster."""
     inv = ~info.transform
     x0, y0, x1, y1 = geom.bounds
-    cols, rows = zip(*(inv * (x, y) for x in (x0, x1) for y in (y0, y1)))
+    cols, rows = zip(*(inv @ (x, y) for x in (x0, x1) for y in (y0, y1)))
     r0, c0 = max(0, math.floor(min(rows))), max(0, math.floor(min(cols)))
     r1, c1 = min(info.height, math.ceil(max(rows))), min(info.width, math.ceil(max(cols)))
     return Region(r0, c0, max(0, r1 - r0), max(0, c1 - c0))
@@ -198,7 +198,7 @@ class LabelIndex:
 
         out = np.zeros((len(self.labels.classes), region.height, region.width), np.uint8)
         t = _transform(self.info, region)
-        corners = [t * (c, r) for c in (0, region.width) for r in (0, region.height)]
+        corners = [t @ (c, r) for c in (0, region.width) for r in (0, region.height)]
         xs, ys = zip(*corners)
         near = self.tree.query(box(min(xs), min(ys), max(xs), max(ys)))
         for k in range(len(self.labels.classes)):
