@@ -352,3 +352,16 @@ def test_overwrite_replaces_a_model_directory(scene_files, tiny_model_dir, tmp_p
 
 def test_labels_error_is_a_geoseg_error():
     assert issubclass(LabelsError, geoseg.GeosegError)
+
+
+def test_failure_while_writing_leaves_nothing(scene_files, tiny_model_dir, tmp_path, monkeypatch):
+    """A crash after training, while the directory is written, leaves neither -o nor a temp directory."""
+    import geoseg.train as train_module
+
+    def broken(card):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_module, "render_markdown", broken)
+    with pytest.raises(OSError, match="disk full"):
+        train(config(scene_files, tmp_path / "m", model=str(tiny_model_dir), steps=1, val_fraction=0.0))
+    assert list(tmp_path.iterdir()) == []
