@@ -113,8 +113,8 @@ def main(argv=None) -> None:
                 per_tile = cache.used / len(tiles)
                 cache.close()
     print()
-    print(f"| batch | activations | s/step | steps/s | tiles/s |")
-    print(f"|---|---|---|---|---|")
+    print("| batch | activations | s/step | steps/s | tiles/s |")
+    print("|---|---|---|---|---|")
     for batch, what, s in rows:
         print(f"| {batch} | {what} | {s:.3f} | {1 / s:.3f} | {batch / s:.2f} |")
     print(f"\ncache entry per tile: {per_tile / 2**20:.2f} MiB (activations at layers "

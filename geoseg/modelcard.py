@@ -75,7 +75,7 @@ def render_markdown(card: dict) -> str:
         f"CLIPSeg decoder (FiLM included) fine-tuned by geoseg {card['geoseg_version']} on {card['created']}; "
         "the CLIP encoders are frozen and unchanged from the base model.",
         "",
-        f"Use it with `geoseg segment RASTER --model <this directory> --prompt \"<prompt>\"` and the prompts below.",
+        "Use it with `geoseg segment RASTER --model <this directory> --prompt \"<prompt>\"` and the prompts below.",
         "",
         "## Base model",
         "",

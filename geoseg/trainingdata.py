@@ -74,7 +74,8 @@ def _read_vector(path: str | Path, what: str):
         raise LabelsError(f"{path}: the {what} hold no geometry")
     kinds = set(gdf.geometry.geom_type)
     if not kinds <= {"Polygon", "MultiPolygon"}:
-        raise LabelsError(f"{path}: the {what} must be polygons, found {', '.join(sorted(kinds - {'Polygon', 'MultiPolygon'}))}")
+        other = ", ".join(sorted(kinds - {"Polygon", "MultiPolygon"}))
+        raise LabelsError(f"{path}: the {what} must be polygons, found {other}")
     return gdf
 
 
@@ -269,7 +270,8 @@ def split_blocks(stats, classes: Sequence[str], val_fraction: float, seed: int, 
         first = None
         for _ in range(SPLIT_TRIES):
             order = rng.permutation(len(stats))
-            chosen, held = [], 0
+            chosen: list[int] = []
+            held = 0
             for i in order:
                 if held >= val_fraction * total or len(chosen) == len(stats) - 1:
                     break

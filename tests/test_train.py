@@ -23,7 +23,7 @@ from geoseg.raster import inspect_raster, open_input
 from geoseg.tiling import Region
 from geoseg.train import TrainConfig, train, weighted_loss
 from geoseg.trainingdata import (TRAIN, VAL, LabelIndex, LabelsError, TileSet, block_stats, load_labels, pixel_window,
-                                 read_tile, split_blocks, tile_grid, training_area)
+                                 read_tile, split_blocks, training_area)
 
 from .rasters import BLUE, NORTH_UP, RED, UTM33, scene, write
 
