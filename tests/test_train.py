@@ -365,3 +365,20 @@ def test_failure_while_writing_leaves_nothing(scene_files, tiny_model_dir, tmp_p
     with pytest.raises(OSError, match="disk full"):
         train(config(scene_files, tmp_path / "m", model=str(tiny_model_dir), steps=1, val_fraction=0.0))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_single_class_without_class_field(scene_files, tiny_model_dir, tmp_path):
+    """No --class-field: every polygon is one class, named and prompted by the single --prompt."""
+    out = tmp_path / "one"
+    res = CliRunner().invoke(main, ["train", str(scene_files["raster"]), "--labels", str(scene_files["labels"]),
+                                    "-p", "a red roof", "--aoi", str(scene_files["aoi"]), "--model",
+                                    str(tiny_model_dir), "--steps", "2", "--batch-size", "2", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert str(out) in res.output and "validation IoU" in res.output
+    card = json.loads((out / CARD_NAME).read_text())
+    assert card["prompts"] == {"a red roof": "a red roof"} and card["labels"]["class_field"] is None
+    assert card["training"]["steps_run"] == 2
+    bad = CliRunner().invoke(main, ["train", str(scene_files["raster"]), "--labels", str(scene_files["labels"]),
+                                    "-o", str(tmp_path / "two"), "-q"])
+    assert bad.exit_code == 1 and "exactly one --prompt" in bad.output
+    assert not (tmp_path / "two").exists()
