@@ -382,3 +382,22 @@ def test_cli_single_class_without_class_field(scene_files, tiny_model_dir, tmp_p
                                     "-o", str(tmp_path / "two"), "-q"])
     assert bad.exit_code == 1 and "exactly one --prompt" in bad.output
     assert not (tmp_path / "two").exists()
+
+
+def test_activation_cache_spills_to_disk_beyond_its_bound():
+    from geoseg.train import ActivationCache
+
+    def entry(i):
+        return ([torch.full((1, 5, 4), float(i))], np.full((1, 3, 3), i, np.uint8), np.ones((3, 3), bool))
+
+    size = 5 * 4 * 4 + 9 + 9  # float32 activations + uint8 targets + bool weights
+    cache = ActivationCache(memory_bytes=2 * size)
+    for i in range(5):
+        cache.put(("tile", i), entry(i))
+    assert cache.used == 2 * size and len(cache.mem) == 2 and len(cache.disk) == 3 and cache.where == "memory+disk"
+    folder = next(iter(cache.disk.values())).parent
+    for i in range(5):
+        acts, targets, _ = cache.get(("tile", i))
+        assert torch.equal(acts[0], entry(i)[0][0]) and (targets == i).all()
+    cache.close()
+    assert not folder.exists()
