@@ -229,3 +229,45 @@ def evaluate(run_dir, truth, class_field, classes, prompt, aoi, output, overwrit
     click.echo(result.table())
     click.echo("")
     click.echo("\n".join(str(p) for p in result.files))
+
+
+@main.command()
+@click.argument("raster", metavar="RASTER")
+@click.option("--labels", required=True, help="Polygons of the things to find (any OGR vector file, any CRS).")
+@click.option("--class-field", default=None,
+              help="Field of --labels holding each polygon's class. Without it every polygon is one class, "
+                   "named by the single --prompt.")
+@click.option("-p", "--prompt", "prompts", multiple=True,
+              help="CLASS=TEXT: the prompt a class is trained (and later segmented) with; repeat per class. "
+                   "Default: the class value itself.")
+@click.option("--aoi", default=None,
+              help="Polygons of the area that is fully labelled: inside it, pixels outside every label are "
+                   "negatives. Default: the bounding box of the labels.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Model directory to write (save_pretrained + processor + model card); use it as --model.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id or local directory.")
+@click.option("--revision", default=None, help="Hub revision of the base model.")
+@click.option("--device", default="auto", show_default=True, help="auto picks CUDA, then MPS, then CPU.")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Optimiser steps (at most).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Tiles per step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--loss", type=click.Choice(["bce", "dice", "bce+dice"]), default="bce", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and tile order.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Share of the training area held out for validation, in whole blocks (0: none).")
+@click.option("--block-size", type=int, default=None,
+              help="Side in px of the spatial hold-out blocks [default: the largest of 2048, 1024, 704, 352, "
+                   "176 giving >= 10 blocks].")
+@click.option("--patience", type=int, default=5, show_default=True,
+              help="Stop after this many validations without a better IoU.")
+@click.option("--bands", callback=_ints, default=None, help="Bands as R,G,B, as for segment (use the same there).")
+@click.option("--resolution", type=float, default=None, help="Working pixel size, as for segment (use the same there).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing geoseg model directory at -o.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def train(raster, quiet, **kw):
+    """Fine-tune CLIPSeg's decoder on labelled polygons over RASTER; write a model directory for --model."""
+    from .train import TrainConfig
+    from .train import train as run
+
+    click.echo(run(TrainConfig(raster=raster, **kw), progress=not quiet).summary())

@@ -29,6 +29,7 @@ from . import __version__
 from .atomic import write_json_atomic
 from .config import SegmentConfig
 from .errors import NotARunError, OutputExistsError
+from .modelcard import read_model_card
 from .raster import RasterInfo
 from .tiling import Region
 
@@ -136,6 +137,7 @@ class RunManifest:
     error: str | None = None
     empty: str | None = None
     vectorize_runs: list[dict[str, Any]] = field(default_factory=list)
+    model_card: dict[str, Any] | None = None  # the card of a `geoseg train` model directory
 
     @classmethod
     def new(cls, config: SegmentConfig, info: RasterInfo, fp: str, regions: list[Region]) -> RunManifest:
@@ -144,7 +146,8 @@ class RunManifest:
         absolute, relative = _input_paths(config.input, config.output)
         return cls(input=absolute, input_relative=relative, prompts=tuple(config.prompts), fingerprint=fp,
                    model=config.model, model_revision=config.revision, options=options,
-                   raster=RasterRecord.of(info), chunks={r.name: ChunkRecord(r) for r in regions})
+                   raster=RasterRecord.of(info), chunks={r.name: ChunkRecord(r) for r in regions},
+                   model_card=read_model_card(config.model))
 
     def input_path(self, run_dir: Path) -> str:
         """The input as recorded if it exists, else relative to ``run_dir`` (a moved project)."""
@@ -163,7 +166,7 @@ class RunManifest:
             "fingerprint": self.fingerprint, "input": self.input, "input_relative": self.input_relative,
             "model": self.model, "model_revision": self.model_revision, "prompts": list(self.prompts),
             "options": self.options, "raster": self.raster.to_json(),
-            "chunks": {name: c.to_json() for name, c in self.chunks.items()},
+            "chunks": {name: c.to_json() for name, c in self.chunks.items()}, "model_card": self.model_card,
         }
         for key in ("finished", "features", "error", "empty"):
             if getattr(self, key) is not None:
@@ -185,7 +188,7 @@ class RunManifest:
                    started=str(data.get("started", "")), finished=data.get("finished"),
                    features=data.get("features"), outputs=dict(data.get("outputs") or {}),
                    error=data.get("error"), empty=data.get("empty"),
-                   vectorize_runs=list(data.get("vectorize_runs") or []))
+                   vectorize_runs=list(data.get("vectorize_runs") or []), model_card=data.get("model_card"))
 
     def save(self, run_dir: Path) -> None:
         write_json_atomic(Path(run_dir) / MANIFEST, self.to_json())
@@ -228,13 +231,22 @@ def load_finished_run(run_dir: Path) -> RunManifest:
     return manifest
 
 
+def _model_files(model: str) -> dict[str, list[int]]:
+    """Size and mtime of a local model directory's files: weights retrained in place (``geoseg train
+    --overwrite``) make a different job, so a resumed run never mixes chunks of old and new weights."""
+    if not os.path.isdir(model):
+        return {}  # a hub id: its revision is part of the options
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(model).iterdir()) if p.is_file()}
+
+
 def fingerprint(config: SegmentConfig, info: RasterInfo) -> str:
     """Hash of everything that determines the output pixels; equal hash = same job (resumable)."""
     stat = {}
     with contextlib.suppress(OSError):
         st = os.stat(config.input)
         stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    blob = json.dumps({**config.pixel_options(), **stat, "grid": [info.width, info.height]}, sort_keys=True)
+    blob = json.dumps({**config.pixel_options(), **stat, "grid": [info.width, info.height],
+                       "model_files": _model_files(config.model)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

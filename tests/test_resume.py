@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import rasterio
 
 import geoseg
@@ -33,3 +34,23 @@ def test_a_record_of_another_job_is_not_trusted(tmp_path, inproc_client, perpixe
     assert json.loads(stale.read_text())["fingerprint"] == first.manifest.fingerprint
     with rasterio.open(again.probabilities) as ds:
         assert np.array_equal(ds.read(), before, equal_nan=True)
+
+
+def test_weights_changed_in_place_are_another_job(tmp_path, inproc_client, tiny_model_dir):
+    """`geoseg train --overwrite` rewrites a model directory in place: a re-run must not resume chunks
+    made with the old weights (the fingerprint covers the local model's files)."""
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    src = write(tmp_path / "in.tif", scene(300, 300, seed=5))
+    cfg = geoseg.SegmentConfig(str(src), ("red roof",), tmp_path / "out", model=str(model), device="cpu")
+    geoseg.segment(cfg, client=inproc_client)
+    again = geoseg.segment(cfg, client=inproc_client)
+    assert again.chunks_skipped == 1, "same weights: resumed"
+    weights = next(p for p in model.iterdir() if p.suffix == ".safetensors")
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # retrained in place
+    with pytest.raises(geoseg.OutputExistsError):
+        geoseg.segment(cfg, client=inproc_client)

@@ -68,6 +68,7 @@ class ClipSegSegmenter:
         self.device = device
         self.model_id = model_id
         self.revision = revision
+        self.processor = processor  # `geoseg train` saves it beside the fine-tuned weights
         improc = processor.image_processor
         self.tokenizer = processor.tokenizer
         self.mean = torch.tensor(improc.image_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
