@@ -146,6 +146,14 @@ def test_training_on_one_half_finds_objects_on_the_other(scene_files, tiny_model
     assert manifest.model_card == json.loads((trained.output / CARD_NAME).read_text())
     card = trained.card
     assert card["validation"]["mean_after"] > card["validation"]["mean_before"]
+    # `geoseg evaluate` on the held-out half agrees with the numpy count: truth polygons come from the
+    # pixel mask (edges on pixel edges) and the AOI is the exact right half, so both count the same pixels
+    right = write_vector(tmp_path / "right.gpkg", [map_box(0, SIZE // 2, SIZE, SIZE)])
+    for run, iou in (("untrained", before), ("trained", after)):
+        report = geoseg.evaluate(tmp_path / run, geoseg.EvaluateConfig(
+            truth=scene_files["labels"], class_field="class", classes=(("roof", PROMPT),), aoi=right,
+            output=tmp_path / f"eval-{run}", objects=False))
+        assert report[PROMPT].at_threshold.iou == pytest.approx(iou, abs=1e-12), run
 
 
 def test_model_card_content(scene_files, tiny_model_dir, trained):
