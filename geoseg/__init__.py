@@ -10,7 +10,7 @@ import logging
 __version__ = "0.1.0"
 
 from .config import DEFAULT_MODEL, SegmentConfig, VectorizeConfig  # noqa: E402
-from .errors import (ChunkFailedError, ConfigError, GeoreferencingError, GeosegError,  # noqa: E402
+from .errors import (ChunkFailedError, ConfigError, ExemplarError, GeoreferencingError, GeosegError,  # noqa: E402
                      MissingCRSError, ModelLoadError, NotARunError, OutputExistsError, RasterError, RasterOpenError,
                      RasterReadError, UnsupportedDataError)
 from .pipeline import RunResult, segment, vectorize  # noqa: E402
@@ -20,6 +20,7 @@ __all__ = [
     "__version__", "segment", "vectorize", "SegmentConfig", "VectorizeConfig", "RunResult", "DEFAULT_MODEL",
     "GeosegError", "ConfigError", "RasterError", "RasterOpenError", "MissingCRSError", "GeoreferencingError",
     "UnsupportedDataError", "RasterReadError", "ModelLoadError", "OutputExistsError", "NotARunError", "ChunkFailedError",
+    "ExemplarError",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

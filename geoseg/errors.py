@@ -60,3 +60,7 @@ class NotARunError(GeosegError, ValueError):
 
 class ChunkFailedError(GeosegError, RuntimeError):
     """A chunk task failed for a reason that retrying will not fix; the message names the chunk."""
+
+
+class ExemplarError(GeosegError, ValueError):
+    """An exemplar polygon cannot serve as an image prompt; the message names its file and feature id."""

@@ -1,0 +1,232 @@
+"""Prompts beyond one phrase (issue 10): templates, negatives, the exclusive class map, exemplars."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from geoseg import prompts as P
+from geoseg.errors import ConfigError
+
+from .rasters import NORTH_UP, scene, write
+
+
+# -- the rules, without a model ------------------------------------------------------------------
+
+def test_ensemble_is_normalised_mean_at_mean_length():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(4, 16)).astype(np.float32) * np.array([[1.0], [2.0], [3.0], [6.0]], np.float32)
+    e = P.ensemble(u)
+    unit = u / np.linalg.norm(u, axis=1, keepdims=True)
+    direction = unit.mean(0) / np.linalg.norm(unit.mean(0))
+    # float32 output of a float64 computation: relative 1e-6 is float32 rounding
+    np.testing.assert_allclose(e, direction * np.linalg.norm(u, axis=1).mean(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(e), 3.0 * np.linalg.norm(u, axis=1).mean() / 3.0, rtol=1e-6)
+    assert np.array_equal(P.ensemble(u[:1]), u[0])  # one template: untouched, bit for bit
+
+
+def test_mix_is_linear_interpolation():
+    t, i = np.ones(4, np.float32), np.full(4, 3.0, np.float32)
+    assert np.array_equal(P.mix(t, i, 0.25), np.full(4, 1.5, np.float32))
+    assert np.array_equal(P.mix(t, i, 1.0), i) and np.array_equal(P.mix(t, i, 0.0), t)
+
+
+def test_negatives_rule():
+    probs = np.zeros((1, 4, 1, 3), np.float32)
+    probs[0, 0] = [[0.9, 0.9, 0.9]]   # building
+    probs[0, 1] = [[0.8, 0.8, 0.8]]   # pool
+    probs[0, 2] = [[0.0, 0.5, 0.2]]   # road (negative 0)
+    probs[0, 3] = [[0.0, 0.1, 0.6]]   # parking lot (negative 1)
+    out = P.apply_negatives(probs, ((0, 1), ()))
+    assert out.shape == (1, 2, 1, 3)
+    np.testing.assert_allclose(out[0, 0, 0], [0.9, 0.9 * 0.5, 0.9 * 0.4], rtol=1e-6)
+    assert np.array_equal(out[0, 1], probs[0, 1])
+
+
+def test_parse_negatives_global_and_per_prompt():
+    phrases, applies = P.parse_negatives(["road", "building=parking lot", "pool=road"], ("building", "pool"))
+    assert phrases == ("road", "parking lot")
+    assert applies == ((0, 1), (0,))
+    with pytest.raises(ConfigError, match="'tree' is not a --prompt"):
+        P.parse_negatives(["tree=road"], ("building",))
+    with pytest.raises(ConfigError, match="also a --prompt"):
+        P.parse_negatives(["building"], ("building", "road"))
+
+
+def test_template_file(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("# mine\nan aerial photo of {}.\n\n{} from above\n")
+    assert P.load_templates(str(f)) == ("an aerial photo of {}.", "{} from above")
+    assert P.load_templates("none") == ("{}",) and len(P.load_templates("aerial")) > 1
+    f.write_text("no placeholder\n")
+    with pytest.raises(ConfigError, match=r"t.txt: line 1: .*exactly once"):
+        P.load_templates(str(f))
+    with pytest.raises(ConfigError, match="nowhere.txt"):
+        P.load_templates(str(tmp_path / "nowhere.txt"))
+
+
+# -- CLIPSeg embeddings with the tiny model --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from geoseg.model.clipseg import ClipSegSegmenter
+
+    return ClipSegSegmenter.load(str(tiny_model_dir), device="cpu")
+
+
+def _stock_text(seg, text):
+    """The stock conditional path for one text, alone in its batch."""
+    ids = seg.tokenizer([text], return_tensors="pt")
+    return seg.model.get_conditional_embeddings(batch_size=1, input_ids=ids["input_ids"],
+                                                attention_mask=ids["attention_mask"])[0].numpy()
+
+
+def test_templates_change_the_embedding_exactly_as_documented(tiny):
+    plan = P.PromptPlan(("building", "swimming pool"), templates=P.AERIAL_TEMPLATES)
+    got = tiny.encode_plan(plan).numpy()
+    for k, phrase in enumerate(plan.prompts):
+        u = np.stack([_stock_text(tiny, t.replace("{}", phrase)) for t in P.AERIAL_TEMPLATES])
+        unit = u / np.linalg.norm(u, axis=1, keepdims=True)
+        expected = unit.mean(0) / np.linalg.norm(unit.mean(0)) * np.linalg.norm(u, axis=1).mean()
+        # texts are encoded one by one here and padded into one batch by geoseg: CPU matmuls over
+        # different padded lengths round float32 differently (~1e-6 relative)
+        np.testing.assert_allclose(got[k], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(got[k]), np.linalg.norm(u, axis=1).mean(), rtol=1e-5)
+        assert not np.allclose(got[k], u[0], atol=1e-3)  # the ensemble is not the bare phrase
+
+
+def test_templates_none_is_todays_embedding(tiny):
+    plan = P.PromptPlan(("building", "swimming pool"))
+    assert torch.equal(tiny.encode_plan(plan), tiny.encode_prompts(["building", "swimming pool"]))
+
+
+def _prepared_crop(tmp_path):
+    import geopandas as gpd
+    from shapely import box
+
+    from geoseg.exemplars import ExemplarSource, read_exemplars
+    from geoseg.raster import inspect_raster
+
+    src = write(tmp_path / "in.tif", scene(400, 500, seed=3))
+    info = inspect_raster(str(src))
+    x0, y0 = NORTH_UP.c, NORTH_UP.f
+    gdf = gpd.GeoDataFrame({"class": ["building", "building"]},
+                           geometry=[box(x0 + 20, y0 - 60, x0 + 50, y0 - 30), box(x0 + 100, y0 - 100, x0 + 140, y0 - 50)],
+                           crs="EPSG:32633")
+    gdf.to_file(tmp_path / "ex.gpkg")
+    crops, ids = read_exemplars([ExemplarSource(str(tmp_path / "ex.gpkg"), class_field="class")], info,
+                                ("building", "pool"))
+    assert ids[0] == (f"{tmp_path / 'ex.gpkg'}:1", f"{tmp_path / 'ex.gpkg'}:2") and crops[1] is None
+    return crops[0]
+
+
+def test_exemplar_embedding_equals_stock_conditional_path(tiny, tiny_model_dir, tmp_path):
+    from transformers import CLIPSegProcessor
+
+    crops = _prepared_crop(tmp_path)
+    assert crops.shape == (2, 3, 352, 352) and crops.dtype == np.float32
+    got = tiny.encode_images(crops)
+    processor = CLIPSegProcessor.from_pretrained(tiny_model_dir)
+    pixels = processor.image_processor(images=list(crops), do_resize=False, do_rescale=False,
+                                       input_data_format="channels_first", return_tensors="pt")["pixel_values"]
+    stock = tiny.model.get_conditional_embeddings(batch_size=2, conditional_pixel_values=pixels)
+    # same weights and pixels; the processor normalises in numpy, geoseg in torch: float32 rounding only
+    np.testing.assert_allclose(got.numpy(), stock.numpy(), rtol=1e-5, atol=1e-5)
+
+    plan = P.PromptPlan(("building", "pool"), exemplars=(crops, None), exemplar_weight=0.3)
+    emb = tiny.encode_plan(plan).numpy()
+    text = tiny.encode_prompts(["building", "pool"]).numpy()
+    image = P.ensemble(stock.numpy())
+    np.testing.assert_allclose(emb[0], 0.7 * text[0] + 0.3 * image, rtol=1e-5, atol=1e-5)  # same rounding
+    np.testing.assert_allclose(emb[1], text[1], rtol=1e-6, atol=1e-6)
+
+
+def test_crop_is_blurred_darkened_background(tmp_path):
+    """Inside the polygon the image as read; outside 10 % of its blur (constant colours: exact)."""
+    import geopandas as gpd
+    from shapely import box
+
+    from geoseg.exemplars import ExemplarSource, read_exemplars
+    from geoseg.raster import inspect_raster
+
+    img = np.empty((3, 300, 300), np.uint8)
+    img[:] = np.array([40, 120, 60], np.uint8)[:, None, None]
+    img[:, 100:160, 50:230] = np.array([200, 30, 30], np.uint8)[:, None, None]  # a roof wider than the polygon
+    info = inspect_raster(str(write(tmp_path / "in.tif", img)))
+    x0, y0 = NORTH_UP.c, NORTH_UP.f
+    gpd.GeoDataFrame(geometry=[box(x0 + 40, y0 - 80, x0 + 100, y0 - 50)], crs="EPSG:32633").to_file(tmp_path / "e.gpkg")
+    crops, _ = read_exemplars([ExemplarSource(str(tmp_path / "e.gpkg"), prompt="roof")], info, ("roof",))
+    c = crops[0][0]
+    # the 120x60 px box + 10 % context each side -> a 144 px square (rows 58..202), scaled to 352
+    red = np.array([200, 30, 30], np.float32) / 255
+    green = np.array([40, 120, 60], np.float32) / 255
+    np.testing.assert_allclose(c[:, 176, 176], red, atol=1e-6)          # inside: as read
+    np.testing.assert_allclose(c[:, 5, 176], 0.1 * green, atol=1e-6)    # above the box: 10 % of green
+    np.testing.assert_allclose(c[:, 176, 3], 0.1 * red, atol=1e-6)      # beside: context only 10 %
+
+
+# -- exemplar input checks -----------------------------------------------------------------------
+
+def _exemplar_file(tmp_path, geoms, crs="EPSG:32633", name="ex.gpkg"):
+    import geopandas as gpd
+
+    path = tmp_path / name
+    gpd.GeoDataFrame({"class": ["roof"] * len(geoms)}, geometry=geoms, crs=crs).to_file(path)
+    return path
+
+
+def _read(tmp_path, path, src=None):
+    from geoseg.exemplars import ExemplarSource, read_exemplars
+    from geoseg.raster import inspect_raster
+
+    src = src or write(tmp_path / "in.tif", scene(200, 200, seed=4))
+    return read_exemplars([ExemplarSource(str(path), class_field="class")], inspect_raster(str(src)), ("roof",))
+
+
+def test_exemplar_outside_raster_is_refused_naming_its_id(tmp_path):
+    from shapely import box
+
+    from geoseg.errors import ExemplarError
+
+    x0, y0 = NORTH_UP.c, NORTH_UP.f
+    path = _exemplar_file(tmp_path, [box(x0 + 10, y0 - 30, x0 + 20, y0 - 20), box(x0 + 500, y0 - 30, x0 + 520, y0 - 20)])
+    with pytest.raises(ExemplarError) as err:
+        _read(tmp_path, path)
+    assert str(err.value) == f"{path}: exemplar feature 2: lies outside the raster {tmp_path / 'in.tif'}"
+
+
+def test_exemplar_over_masked_pixels_only_is_refused(tmp_path):
+    from shapely import box
+
+    from geoseg.errors import ExemplarError
+
+    data = scene(200, 200, seed=5)
+    data[:, :100] = 0  # nodata 0 in the top half
+    src = write(tmp_path / "in.tif", data, nodata=0)
+    x0, y0 = NORTH_UP.c, NORTH_UP.f
+    path = _exemplar_file(tmp_path, [box(x0 + 10, y0 - 30, x0 + 40, y0 - 10)])  # rows 20..60: all masked
+    with pytest.raises(ExemplarError, match=r"^.*ex.gpkg: exemplar feature 1: covers only masked \(nodata\) pixels"):
+        _read(tmp_path, path, src)
+    assert "\n" not in str(ExemplarError("x"))
+    ok = _exemplar_file(tmp_path, [box(x0 + 10, y0 - 60, x0 + 40, y0 - 40)], name="ok.gpkg")  # straddles rows 80..120
+    crops, _ = _read(tmp_path, ok, src)
+    assert crops[0].shape == (1, 3, 352, 352)
+
+
+def test_exemplar_in_another_crs_is_reprojected(tmp_path):
+    """The same polygon given in EPSG:4326 gives the same crop (to reprojection rounding)."""
+    import geopandas as gpd
+    from shapely import box
+
+    x0, y0 = NORTH_UP.c, NORTH_UP.f
+    utm = _exemplar_file(tmp_path, [box(x0 + 20, y0 - 60, x0 + 50, y0 - 30)])
+    ll = gpd.read_file(utm).to_crs("EPSG:4326")
+    ll.to_file(tmp_path / "ll.gpkg")
+    src = write(tmp_path / "in.tif", scene(200, 200, seed=6))
+    a, _ = _read(tmp_path, utm, src)
+    b, _ = _read(tmp_path, tmp_path / "ll.gpkg", src)
+    # a UTM -> lon/lat -> UTM round trip moves vertices by ~1e-9 m: the same pixels, the same crop
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+    assert not np.allclose(a[0], _read(tmp_path, _exemplar_file(tmp_path, [box(x0 + 60, y0 - 60, x0 + 90, y0 - 30)],
+                                                                    name="other.gpkg"), src)[0][0], atol=1e-3)
