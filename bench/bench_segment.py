@@ -101,7 +101,7 @@ def tiny_model(out: Path) -> Path:
 
 def plain_read(path: Path, chunk: int) -> float:
     """Seconds for a windowed read of every chunk window (bands 1-3) of the file."""
-    from geoseg.pipeline import plan_chunks
+    from geoseg.stages import plan_chunks
     from geoseg.raster import inspect_raster
 
     regions = plan_chunks(inspect_raster(str(path)), chunk)
@@ -114,7 +114,7 @@ def plain_read(path: Path, chunk: int) -> float:
 
 def cluster_startup(workers: int) -> float:
     """Seconds to start and stop the LocalCluster ``segment`` starts when given no client."""
-    from geoseg.pipeline import dask_client
+    from geoseg.scheduling import dask_client
 
     start = time.perf_counter()
     with dask_client(workers=workers):
@@ -137,7 +137,7 @@ def run_segment(path: Path, run_dir: Path, chunk: int, workers: int, threshold: 
 
 
 def task_seconds(result) -> float:
-    return sum(c.get("seconds", 0.0) for c in result.manifest["chunks"].values())
+    return sum(c.seconds or 0.0 for c in result.manifest.chunks.values())
 
 
 def peak_rss_kib() -> int:

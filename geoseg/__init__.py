@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from .config import DEFAULT_MODEL, SegmentConfig, VectorizeConfig  # noqa: E402
 from .errors import (ChunkFailedError, ConfigError, ExemplarError, GeoreferencingError, GeosegError,  # noqa: E402
-                     MissingCRSError, ModelLoadError, NotARunError, OutputExistsError, RasterError, RasterOpenError,
+                     MissingCRSError, ModelLoadError, ModelOutOfMemoryError, NotARunError, OutputExistsError, RasterError, RasterOpenError,
                      RasterReadError, UnsupportedDataError)
 from .pipeline import RunResult, segment, vectorize  # noqa: E402
 
@@ -19,7 +19,7 @@ from .pipeline import RunResult, segment, vectorize  # noqa: E402
 __all__ = [
     "__version__", "segment", "vectorize", "SegmentConfig", "VectorizeConfig", "RunResult", "DEFAULT_MODEL",
     "GeosegError", "ConfigError", "RasterError", "RasterOpenError", "MissingCRSError", "GeoreferencingError",
-    "UnsupportedDataError", "RasterReadError", "ModelLoadError", "OutputExistsError", "NotARunError", "ChunkFailedError",
+    "UnsupportedDataError", "RasterReadError", "ModelLoadError", "ModelOutOfMemoryError", "OutputExistsError", "NotARunError", "ChunkFailedError",
     "ExemplarError",
 ]
 

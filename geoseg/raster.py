@@ -27,6 +27,7 @@ from rasterio.windows import Window
 
 from .atomic import atomic_target
 from .config import GDAL_CACHEMAX_MB
+from .crs import horizontal_crs
 from .errors import (ConfigError, GeoreferencingError, MissingCRSError, RasterOpenError, RasterReadError,
                      UnsupportedDataError, first_line)
 from .tiling import Region
@@ -89,11 +90,7 @@ def _horizontal_kind(crs) -> str:
     """'projected', 'geographic' or what else PROJ calls it (engineering, geocentric, vertical, ...)."""
     import pyproj
 
-    c = pyproj.CRS.from_wkt(crs.to_wkt()) if not isinstance(crs, pyproj.CRS) else crs
-    if c.is_bound:
-        c = c.source_crs
-    if c.is_compound:
-        c = c.sub_crs_list[0]
+    c = horizontal_crs(pyproj.CRS.from_wkt(crs.to_wkt()) if not isinstance(crs, pyproj.CRS) else crs)
     if c.is_projected:
         return "projected"
     if c.is_geographic:

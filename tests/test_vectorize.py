@@ -15,15 +15,8 @@ from shapely import affinity
 from shapely.geometry import box
 
 from geoseg.errors import ConfigError
-from geoseg.vectorize import (
-    OUTPUT_COLUMNS,
-    Pieces,
-    finalize,
-    merge_seams,
-    polygonize_chunk,
-    read_pieces,
-    write_pieces,
-)
+from geoseg.pieces import Pieces, merge_seams, polygonize_chunk, read_pieces, write_pieces
+from geoseg.polygons import OUTPUT_COLUMNS, finalize
 
 H, W = 60, 72
 

@@ -18,12 +18,11 @@ import torch
 import transformers
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-from ..errors import ModelLoadError
+from ..config import DEFAULT_MODEL
+from ..errors import ModelLoadError, ModelOutOfMemoryError
 from ..prompts import PromptPlan, ensemble, mix
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -137,13 +136,14 @@ class ClipSegSegmenter:
         """Sigmoid probabilities (N, P, T, T) for 0..1 RGB tiles (N, 3, T, T).
 
         On CUDA out-of-memory the batch is halved (down to one tile) before giving up, so a
-        ``--batch-size`` tuned on a bigger GPU still runs; the error propagates only at one tile.
+        ``--batch-size`` tuned on a bigger GPU still runs; at one tile it is raised as
+        :class:`ModelOutOfMemoryError`, which the scheduler reports as final (retrying cannot help).
         """
         try:
             return self._predict(tiles, embeddings)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as exc:
             if len(tiles) == 1:
-                raise
+                raise ModelOutOfMemoryError(f"out of memory on {self.device} at one tile: {exc}") from exc
             torch.cuda.empty_cache()
             half = len(tiles) // 2
             log.warning("CUDA out of memory at %d tiles per batch; retrying in halves", len(tiles))
