@@ -30,8 +30,6 @@ NONE = 0
 NODATA = 255
 #: Labels 1..254 name prompts; 0 is none and 255 nodata.
 MAX_CLASSES = 254
-CLASSES = "classes.tif"
-CLASSES_STYLE = "classes.qml"
 
 
 def check_classes(n_prompts: int) -> None:
@@ -126,12 +124,15 @@ def write_classes(run_dir: Path, parts: Sequence[tuple], info, prompts: Sequence
 
     from .raster import bounded_gdal_cache
 
-    vrt = run_dir / "classes.vrt"
+    from .rundir import CLASSES_FILES
+
+    tif, aux, qml, vrt_name = CLASSES_FILES
+    vrt = run_dir / vrt_name
     vrt.write_text(_vrt(parts, info, len(prompts)))
-    out = run_dir / CLASSES
-    with atomic_target(run_dir / (CLASSES + ".aux.xml")) as tmp:
+    out = run_dir / tif
+    with atomic_target(run_dir / aux) as tmp:
         tmp.write_text(pam_xml(prompts))
-    with atomic_target(run_dir / CLASSES_STYLE) as tmp:
+    with atomic_target(run_dir / qml) as tmp:
         tmp.write_text(style_qml(prompts))
     with bounded_gdal_cache(), atomic_target(out) as tmp:
         # MODE: an overview pixel shows the class most of its pixels have, never an average of labels

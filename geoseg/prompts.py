@@ -160,6 +160,11 @@ class PromptPlan:
                 h.update(np.ascontiguousarray(crops, np.float32).tobytes())
         return h.hexdigest()
 
+    def fingerprint_fields(self) -> dict:
+        """What of the plan changes the output pixels (the resume fingerprint): the resolved
+        templates (a template file's content, not its name) and the exemplar crops."""
+        return {"templates": list(self.templates), "exemplars_sha256": self.exemplars_sha256()}
+
     def describe(self) -> dict:
         """What the manifest records about the prompts (texts as the model saw them)."""
         return {
@@ -207,3 +212,21 @@ def apply_negatives(probs: np.ndarray, applies: Sequence[Sequence[int]]) -> np.n
             strongest = probs[:, [n_pos + j for j in negs]].max(axis=1)
             out[:, k] *= 1.0 - strongest
     return out
+
+
+def build_plan(config, info) -> PromptPlan:
+    """The run's :class:`PromptPlan` from a ``SegmentConfig``: templates resolved, negatives parsed,
+    exemplar polygons read through the run's read path (``geoseg.exemplars``) on the client, once."""
+    negatives, applies = parse_negatives(config.negatives, config.prompts)
+    exemplars: tuple = ()
+    ids: tuple = ()
+    if config.exemplars or config.exemplar:
+        from .exemplars import parse_sources, read_exemplars
+
+        sources = parse_sources(config.exemplars, config.class_field, config.exemplar)
+        for s in sources:
+            if s.prompt is not None and s.prompt not in config.prompts:
+                raise ConfigError(f"--exemplar {s.prompt}={s.path}: {s.prompt!r} is not a --prompt")
+        exemplars, ids = read_exemplars(sources, info, config.prompts)
+    return PromptPlan(config.prompts, load_templates(config.templates), negatives, applies, exemplars,
+                      config.exemplar_weight, ids)

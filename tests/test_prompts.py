@@ -230,3 +230,113 @@ def test_exemplar_in_another_crs_is_reprojected(tmp_path):
     np.testing.assert_allclose(a[0], b[0], atol=1e-5)
     assert not np.allclose(a[0], _read(tmp_path, _exemplar_file(tmp_path, [box(x0 + 60, y0 - 60, x0 + 90, y0 - 30)],
                                                                     name="other.gpkg"), src)[0][0], atol=1e-3)
+
+
+# -- negatives and the class map through the pipeline, with deterministic segmenters ----------------
+
+def _run(tmp_path, src, client, factory, name, prompts, **kw):
+    import geoseg
+
+    cfg = geoseg.SegmentConfig(str(src), prompts, tmp_path / name, **kw)
+    return geoseg.segment(cfg, client=client, segmenter_factory=factory)
+
+
+def _band(path, band=None):
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return ds.read() if band is None else ds.read(band)
+
+
+def test_negatives_lower_probability_where_the_negative_fires_and_only_there(tmp_path, inproc_client):
+    from geoseg.raster import inspect_raster, open_input, read_rgb
+    from geoseg.tiling import Region
+
+    from .models import PerPixelFactory, PerPixelSegmenter
+
+    # row 0: the prompt (reddish pixels); row 1: the negative (bluish pixels)
+    factory = PerPixelFactory(weights=((1.0, 0.0, -0.5), (0.0, -0.5, 1.0)), bias=(0.3, 0.25), gain=80.0)
+    src = write(tmp_path / "in.tif", scene(500, 640, seed=7))
+    plain = _run(tmp_path, src, inproc_client, factory, "plain", ("red roof",), chunk_size=400)
+    PerPixelSegmenter.calls = 0
+    neg = _run(tmp_path, src, inproc_client, factory, "neg", ("red roof",), negatives=("blue pool",), chunk_size=400)
+    assert PerPixelSegmenter.calls == plain.model_tiles  # same predict calls: negatives ride along
+    a, b = _band(plain.probabilities, 1), _band(neg.probabilities, 1)
+    assert _band(neg.probabilities).shape[0] == 1  # still one band per positive prompt
+    info = inspect_raster(str(src))
+    with open_input(info) as ds:
+        rgb, _ = read_rgb(ds, info, Region(0, 0, info.height, info.width))
+    p_neg = factory().whole_image(rgb)[1]
+    quiet = p_neg < 1e-8     # 1 - p_neg rounds to 1.0 in float32: exactly unchanged
+    fires = p_neg > 0.5
+    assert quiet.sum() > 1000 and fires.sum() > 1000
+    assert np.array_equal(a[quiet], b[quiet])
+    assert np.all(b[fires] <= a[fires] * 0.5 + 1e-6)
+    # everywhere: the documented rule, to blending rounding (per-pixel model: tiles agree, 1e-6)
+    np.testing.assert_allclose(b, a * (1 - p_neg), atol=1e-6)
+    manifest = neg.manifest.to_json()
+    assert manifest["prompting"]["negatives"] == {"red roof": ["blue pool"]}
+    assert list(manifest["options"]["negatives"]) == ["blue pool"]
+    assert manifest["fingerprint"] != plain.manifest.fingerprint
+
+
+def test_class_map_is_exclusive_chunk_invariant_and_a_valid_coverage(tmp_path, inproc_client, perpixel):
+    import geopandas as gpd
+    import rasterio
+    import shapely
+    from rasterio.features import rasterize
+
+    from geoseg.classes import NODATA
+
+    data = scene(700, 900, seed=8)
+    data[:, 600:, 700:] = 0  # a masked corner (nodata 0)
+    src = write(tmp_path / "in.tif", data, nodata=0, tiled=True, blockxsize=128, blockysize=128)
+    runs = [_run(tmp_path, src, inproc_client, perpixel, f"c{c}", ("red roof", "blue pool"), chunk_size=c,
+                 classes=True, vector=__import__("geoseg").VectorizeConfig(threshold=(0.5, 0.4)))
+            for c in (352, 2048)]
+    assert [r.chunks_run for r in runs] == [6, 1]
+    maps = [_band(r.run_dir / "classes.tif", 1) for r in runs]
+    assert np.array_equal(maps[0], maps[1])  # chunk-size invariant, bit for bit
+    labels, probs = maps[0], _band(runs[0].probabilities)
+    # the rule: argmax over the prompts, 0 below the winner's threshold, 255 where masked
+    masked = ~np.isfinite(probs).all(axis=0)
+    assert np.array_equal(labels == NODATA, masked)
+    win = np.argmax(np.where(masked, -1, probs), axis=0)
+    best = np.take_along_axis(probs, win[None], 0)[0]
+    expected = np.where(best >= np.array([0.5, 0.4])[win], win + 1, 0)
+    assert np.array_equal(labels[~masked], expected[~masked])
+    assert {1, 2} <= set(np.unique(labels)) and 0 in labels
+    with rasterio.open(runs[0].run_dir / "classes.tif") as ds:
+        assert ds.dtypes[0] == "uint8" and ds.nodata == NODATA and ds.descriptions[0] == "classes"
+        from geoseg.export import prompt_colors
+
+        assert [ds.colormap(1)[k][:3] for k in (1, 2)] == prompt_colors(2)  # the polygons' colours
+        assert ds.overviews(1) == [2] and ds.profile["tiled"]
+        assert ds.crs == rasterio.open(src).crs and ds.transform == rasterio.open(src).transform
+    assert "<Category>red roof</Category>" in (runs[0].run_dir / "classes.tif.aux.xml").read_text()
+
+    gdf = gpd.read_file(runs[0].polygons)
+    geoms = gdf.geometry.values
+    assert shapely.coverage_is_valid(geoms)
+    assert shapely.is_empty(shapely.coverage_invalid_edges(geoms)).all()
+    # polygons cover exactly each class's pixels: no overlap, no gap between touching classes
+    with rasterio.open(src) as ds:
+        transform = ds.transform
+    for k, prompt in enumerate(("red roof", "blue pool"), start=1):
+        burnt = rasterize(gdf[gdf.prompt == prompt].geometry, out_shape=labels.shape, transform=transform)
+        assert np.array_equal(burnt == 1, labels == k)
+    # touching classes exist (else the coverage test proves little)
+    a, b = gdf[gdf.prompt == "red roof"].union_all(), gdf[gdf.prompt == "blue pool"].union_all()
+    assert a.intersection(b).length > 0 and a.intersection(b).area == 0
+
+    # re-vectorized with simplification (one coverage for all classes) and new thresholds: still valid,
+    # and classes.tif follows the new thresholds
+    from geoseg import VectorizeConfig, vectorize
+
+    path, n = vectorize(runs[0].run_dir, VectorizeConfig(threshold=(0.999, 0.9), simplify=1.5))
+    simplified = gpd.read_file(path).geometry.values
+    assert n > 0 and shapely.coverage_is_valid(simplified)
+    relabelled = _band(runs[0].run_dir / "classes.tif", 1)
+    expected = np.where(best >= np.array([0.999, 0.9])[win], win + 1, 0)
+    assert np.array_equal(relabelled[~masked], expected[~masked]) and not np.array_equal(relabelled, labels)
+    assert np.array_equal(relabelled == NODATA, masked)
