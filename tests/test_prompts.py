@@ -340,3 +340,75 @@ def test_class_map_is_exclusive_chunk_invariant_and_a_valid_coverage(tmp_path, i
     expected = np.where(best >= np.array([0.999, 0.9])[win], win + 1, 0)
     assert np.array_equal(relabelled[~masked], expected[~masked]) and not np.array_equal(relabelled, labels)
     assert np.array_equal(relabelled == NODATA, masked)
+
+
+# -- the tiny CLIPSeg through the whole run --------------------------------------------------------
+
+def test_templates_none_reproduces_todays_output_bit_for_bit(tmp_path, inproc_client, tiny_model_dir):
+    from geoseg.model import clipseg_factory
+
+    from .models import TextOnlyClipSegFactory
+
+    src = write(tmp_path / "in.tif", scene(300, 420, seed=9))
+    prompts = ("building", "swimming pool")
+    product = clipseg_factory(str(tiny_model_dir), device="cpu")
+    none = _run(tmp_path, src, inproc_client, product, "none", prompts, templates="none")
+    today = _run(tmp_path, src, inproc_client, TextOnlyClipSegFactory(tiny_model_dir), "today", prompts,
+                 templates="none")
+    aerial = _run(tmp_path, src, inproc_client, product, "aerial", prompts)  # the default
+    a, b, c = (_band(r.probabilities) for r in (none, today, aerial))
+    assert np.array_equal(a, b, equal_nan=True)
+    assert not np.allclose(a, c, atol=1e-4)  # the templates do reach the model
+    assert none.manifest.fingerprint != aerial.manifest.fingerprint  # a different job for resume
+    expanded = aerial.manifest.to_json()["prompting"]["expanded"]
+    assert expanded["building"] == [t.replace("{}", "building") for t in P.AERIAL_TEMPLATES]
+    assert none.manifest.to_json()["prompting"]["expanded"]["building"] == ["building"]
+
+
+def test_cli_every_prompt_feature_manifest_and_resume(tmp_path, tiny_model_dir):
+    import json
+
+    import geopandas as gpd
+    from click.testing import CliRunner
+    from shapely import box
+
+    from geoseg.cli import main
+
+    src = write(tmp_path / "in.tif", scene(300, 300, seed=10))
+    x0, y0 = NORTH_UP.c, NORTH_UP.f
+    ll = gpd.GeoDataFrame({"kind": ["building", "building", "road"]},
+                          geometry=[box(x0 + 10, y0 - 40, x0 + 30, y0 - 20), box(x0 + 60, y0 - 90, x0 + 80, y0 - 60),
+                                    box(x0 + 100, y0 - 110, x0 + 140, y0 - 100)], crs="EPSG:32633").to_crs("EPSG:4326")
+    ll.index = ll.index + 1
+    ll.to_file(tmp_path / "ex.gpkg")
+    out = tmp_path / "out"
+    args = ["segment", str(src), "-p", "building", "-p", "road", "--negative", "building=parking lot",
+            "--negative", "tree", "--exemplars", str(tmp_path / "ex.gpkg"), "--class-field", "kind",
+            "--classes", "--model", str(tiny_model_dir), "--device", "cpu", "-o", str(out), "-q"]
+    runner = CliRunner()
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    p = m["prompting"]
+    assert p["negatives"] == {"building": ["parking lot", "tree"], "road": ["tree"]}
+    assert p["expanded"]["parking lot"][1] == "an aerial photo of parking lot."
+    assert p["exemplars"] == {"building": [f"{tmp_path / 'ex.gpkg'}:1", f"{tmp_path / 'ex.gpkg'}:2"],
+                              "road": [f"{tmp_path / 'ex.gpkg'}:3"]}
+    assert p["exemplar_weight"] == 0.5 and len(p["exemplars_sha256"]) == 64
+    assert len(p["exemplar_embeddings_sha256"]) == 64 and p["encode_seconds"] > 0
+    assert m["outputs"]["classes"] == "classes.tif" and (out / "classes.qml").exists()
+    # the same command resumes; another exemplar weight is another job
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0 and "chunks run: 0, resumed: 1" in again.output
+    other = runner.invoke(main, args + ["--exemplar-weight", "0.8"])
+    assert other.exit_code == 1
+    assert other.output.strip().endswith("holds a geoseg run with different input or options; use another -o, "
+                                         "or --overwrite to replace geoseg's files there")
+    # an exemplar outside the raster: one line naming the feature, nothing written
+    gpd.GeoDataFrame({"kind": ["road"]}, geometry=[box(x0 + 1000, y0 - 40, x0 + 1030, y0 - 20)],
+                     crs="EPSG:32633").to_file(tmp_path / "far.gpkg")
+    bad_args = [a if a != str(out) else str(tmp_path / "bad") for a in args]
+    bad = runner.invoke(main, bad_args + ["--exemplar", f"road={tmp_path / 'far.gpkg'}"])
+    assert bad.exit_code == 1
+    assert bad.output == f"geoseg: error: {tmp_path / 'far.gpkg'}: exemplar feature 1: lies outside the raster {src}\n"
+    assert not (tmp_path / "bad").exists()
