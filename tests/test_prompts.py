@@ -412,3 +412,38 @@ def test_cli_every_prompt_feature_manifest_and_resume(tmp_path, tiny_model_dir):
     assert bad.exit_code == 1
     assert bad.output == f"geoseg: error: {tmp_path / 'far.gpkg'}: exemplar feature 1: lies outside the raster {src}\n"
     assert not (tmp_path / "bad").exists()
+
+
+def test_qgis_shows_the_class_names_in_the_legend(tmp_path, inproc_client, perpixel):
+    """QGIS 3.22 opens classes.tif paletted, with the prompts (and only them) in the legend."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from qgis_check import QGIS_PYTHON, _qgis_env, qgis_available
+
+    ok, why = qgis_available()
+    if not ok:
+        pytest.skip(f"QGIS not available: {why}")
+    src = write(tmp_path / "in.tif", scene(300, 300, seed=11))
+    run = _run(tmp_path, src, inproc_client, perpixel, "out", ("red roof", "blue pool"), classes=True)
+    script = (
+        "import json, sys\n"
+        "from qgis.core import QgsApplication, QgsRasterLayer\n"
+        "app = QgsApplication([], False); app.initQgis()\n"
+        "layer = QgsRasterLayer(sys.argv[1], 'classes')\n"
+        "items = layer.renderer().legendSymbologyItems()\n"
+        "print(json.dumps({'valid': layer.isValid(), 'renderer': layer.renderer().type(),\n"
+        "                  'legend': [[label, colour.name()] for label, colour in items],\n"
+        "                  'categories': [i.label for i in layer.dataProvider().colorTable(1)[:3]]}))\n")
+    proc = subprocess.run([QGIS_PYTHON, "-c", script, str(run.run_dir / "classes.tif")], capture_output=True,
+                          text=True, timeout=120, env=_qgis_env(str(tmp_path)))
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    from geoseg.export import prompt_colors
+
+    colours = ["#{:02x}{:02x}{:02x}".format(*c) for c in prompt_colors(2)]
+    assert report == {"valid": True, "renderer": "paletted",
+                      "legend": [["red roof", colours[0]], ["blue pool", colours[1]]],
+                      "categories": ["none", "red roof", "blue pool"]}
