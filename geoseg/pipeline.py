@@ -24,8 +24,19 @@ from .polygons import finalize
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
 from .classes import class_map, exclusive, write_class_part, write_classes
 from .prompts import PromptPlan, build_plan, embeddings_sha256
-from .rundir import (CLASS_PART, PARTS, PROBABILITIES, PROBABILITIES_VRT, RunManifest, fingerprint, load_finished_run, now,
-                     part_path, polygons_name, prepare_run_dir)
+from .rundir import (
+    CLASS_PART,
+    PARTS,
+    PROBABILITIES,
+    PROBABILITIES_VRT,
+    RunManifest,
+    fingerprint,
+    load_finished_run,
+    now,
+    part_path,
+    polygons_name,
+    prepare_run_dir,
+)
 from .scheduling import ChunkSubmitter, dask_client
 from .stages import ChunkJob, ChunkResult, plan_chunks
 from .tiling import Region

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import (ChunkFailedError, GeosegError, ModelOutOfMemoryError, RasterReadError, first_line)
+from .errors import ChunkFailedError, GeosegError, ModelOutOfMemoryError, RasterReadError, first_line
 from .model import encode_plan
 from .stages import ChunkJob, ChunkResult, finish_chunk, infer_chunk, read_chunk
 
@@ -264,8 +264,3 @@ def _timed_encode(factory: Any, plan: Any) -> tuple[Any, float]:
     embeddings = encode_plan(factory, plan)
     return embeddings, time.perf_counter() - start
 
-
-def submit_chunks(client: Any, jobs: Sequence[ChunkJob], max_in_flight: int | None, retries: int,
-                  progress: bool) -> Iterator[ChunkResult]:
-    """Shorthand for ``ChunkSubmitter(client, max_in_flight, retries).run(jobs, progress)``."""
-    return ChunkSubmitter(client, max_in_flight, retries).run(jobs, progress)
