@@ -17,8 +17,8 @@ classes share pixel edges and never overlap: the polygons form a valid coverage.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -123,7 +123,6 @@ def write_classes(run_dir: Path, parts: Sequence[tuple], info, prompts: Sequence
     import rasterio.shutil
 
     from .raster import bounded_gdal_cache
-
     from .rundir import CLASSES_FILES
 
     tif, aux, qml, vrt_name = CLASSES_FILES

@@ -13,8 +13,8 @@ masked pixels only, is refused with one line naming its file and feature id.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

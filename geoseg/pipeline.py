@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from .classes import class_map, exclusive, write_class_part, write_classes
 from .config import SegmentConfig, VectorizeConfig
 from .export import write_vector
 from .model import SegmenterFactory, clipseg_factory
 from .pieces import Pieces, merge_seams, polygonize_chunk, read_pieces
 from .polygons import finalize
-from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
-from .classes import class_map, exclusive, write_class_part, write_classes
 from .prompts import PromptPlan, build_plan, embeddings_sha256
+from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
 from .rundir import (
     CLASS_PART,
     PARTS,

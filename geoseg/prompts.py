@@ -24,9 +24,9 @@ Rules (the README's Prompts section says the same; tests check each one):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -79,7 +79,8 @@ def load_templates(spec: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def parse_negatives(specs: Sequence[str], prompts: Sequence[str]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+def parse_negatives(specs: Sequence[str],
+                    prompts: Sequence[str]) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
     """``--negative`` values → (distinct negative phrases, per prompt the indices that apply).
 
     ``road`` applies to every prompt; ``building=road`` only to the prompt ``building`` (the part

@@ -192,10 +192,10 @@ class ChunkSubmitter:
         ``plan`` (a :class:`geoseg.prompts.PromptPlan`; default: the jobs' prompts as they are) is
         encoded once, in one task, before any chunk is submitted.
         """
-        from .prompts import PromptPlan
-
         from distributed import as_completed
         from tqdm.auto import tqdm
+
+        from .prompts import PromptPlan
 
         if not jobs:
             return

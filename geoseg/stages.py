@@ -24,8 +24,8 @@ from .blend import accumulate, new_accumulators, normalise
 from .classes import class_map, exclusive, write_class_part
 from .model import SegmenterFactory, cached_segmenter
 from .pieces import polygonize_chunk, write_pieces
-from .raster import RasterInfo, bounded_gdal_cache, open_input, read_window, to_model_rgb, write_part
 from .prompts import apply_negatives
+from .raster import RasterInfo, bounded_gdal_cache, open_input, read_window, to_model_rgb, write_part
 from .rundir import CLASS_PART, part_path
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
 

@@ -11,7 +11,6 @@ from geoseg.errors import ConfigError
 
 from .rasters import NORTH_UP, scene, write
 
-
 # -- the rules, without a model ------------------------------------------------------------------
 
 def test_ensemble_is_normalised_mean_at_mean_length():
@@ -112,7 +111,8 @@ def _prepared_crop(tmp_path):
     info = inspect_raster(str(src))
     x0, y0 = NORTH_UP.c, NORTH_UP.f
     gdf = gpd.GeoDataFrame({"class": ["building", "building"]},
-                           geometry=[box(x0 + 20, y0 - 60, x0 + 50, y0 - 30), box(x0 + 100, y0 - 100, x0 + 140, y0 - 50)],
+                           geometry=[box(x0 + 20, y0 - 60, x0 + 50, y0 - 30),
+                                     box(x0 + 100, y0 - 100, x0 + 140, y0 - 50)],
                            crs="EPSG:32633")
     gdf.to_file(tmp_path / "ex.gpkg")
     crops, ids = read_exemplars([ExemplarSource(str(tmp_path / "ex.gpkg"), class_field="class")], info,
@@ -190,7 +190,8 @@ def test_exemplar_outside_raster_is_refused_naming_its_id(tmp_path):
     from geoseg.errors import ExemplarError
 
     x0, y0 = NORTH_UP.c, NORTH_UP.f
-    path = _exemplar_file(tmp_path, [box(x0 + 10, y0 - 30, x0 + 20, y0 - 20), box(x0 + 500, y0 - 30, x0 + 520, y0 - 20)])
+    path = _exemplar_file(tmp_path, [box(x0 + 10, y0 - 30, x0 + 20, y0 - 20),
+                                     box(x0 + 500, y0 - 30, x0 + 520, y0 - 20)])
     with pytest.raises(ExemplarError) as err:
         _read(tmp_path, path)
     assert str(err.value) == f"{path}: exemplar feature 2: lies outside the raster {tmp_path / 'in.tif'}"
