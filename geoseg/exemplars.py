@@ -30,6 +30,9 @@ CONTEXT = 0.1
 BACKGROUND = 0.1
 #: Background blur, Gaussian sigma in pixels of the prepared crop (paper: sigma 3).
 BLUR_SIGMA = 3.0
+#: At most this many exemplars per prompt: crops are held in memory (0.5 MB each) and sent to the
+#: encoding task, and an average of a few dozen examples no longer changes.
+MAX_PER_PROMPT = 64
 #: A crop window larger than this (px per side, on the working grid) is refused: memory stays bounded;
 #: coarser ``--resolution`` makes a large object fit.
 MAX_WINDOW = 4096
@@ -96,6 +99,9 @@ def read_exemplars(sources: Sequence[ExemplarSource], info: RasterInfo,
                 if geom is None or geom.is_empty or geom.geom_type not in ("Polygon", "MultiPolygon"):
                     raise ExemplarError(f"{where}: not a polygon ({'empty' if geom is None else geom.geom_type})")
                 k = prompts.index(name)
+                if len(crops[k]) >= MAX_PER_PROMPT:
+                    raise ExemplarError(f"{where}: more than {MAX_PER_PROMPT} exemplars of {name!r}; keep the "
+                                        f"clearest few dozen (their average embedding is the prompt)")
                 crops[k].append(prepare_crop(src, info, geom, where))
                 ids[k].append(f"{source.path}:{fid}")
     return (tuple(np.stack(c) if c else None for c in crops), tuple(tuple(i) for i in ids))

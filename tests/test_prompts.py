@@ -325,7 +325,7 @@ def test_class_map_is_exclusive_chunk_invariant_and_a_valid_coverage(tmp_path, i
         assert ds.crs == rasterio.open(src).crs and ds.transform == rasterio.open(src).transform
     assert "<Category>red roof</Category>" in (runs[0].run_dir / "classes.tif.aux.xml").read_text()
 
-    gdf = gpd.read_file(runs[0].polygons)
+    gdf = gpd.read_file(runs[0].polygons, layer="segments")
     geoms = gdf.geometry.values
     assert shapely.coverage_is_valid(geoms)
     assert shapely.is_empty(shapely.coverage_invalid_edges(geoms)).all()
@@ -344,7 +344,7 @@ def test_class_map_is_exclusive_chunk_invariant_and_a_valid_coverage(tmp_path, i
     from geoseg import VectorizeConfig, vectorize
 
     path, n = vectorize(runs[0].run_dir, VectorizeConfig(threshold=(0.999, 0.9), simplify=1.5))
-    simplified = gpd.read_file(path).geometry.values
+    simplified = gpd.read_file(path, layer="segments").geometry.values
     assert n > 0 and shapely.coverage_is_valid(simplified)
     # no overlaps: the union's area is the sum of the areas (to float rounding of ~1e5 m² sums)
     total = shapely.area(simplified).sum()
@@ -460,3 +460,17 @@ def test_qgis_shows_the_class_names_in_the_legend(tmp_path, inproc_client, perpi
     assert report == {"valid": True, "renderer": "paletted",
                       "legend": [["red roof", colours[0]], ["blue pool", colours[1]]],
                       "categories": ["none", "red roof", "blue pool"]}
+
+
+def test_exemplars_per_prompt_are_capped(tmp_path, monkeypatch):
+    """Crops are held in memory: the count per prompt is bounded, with one line naming the feature."""
+    from shapely import box
+
+    import geoseg.exemplars
+    from geoseg.errors import ExemplarError
+
+    monkeypatch.setattr(geoseg.exemplars, "MAX_PER_PROMPT", 2)
+    x0, y0 = NORTH_UP.c, NORTH_UP.f
+    path = _exemplar_file(tmp_path, [box(x0 + 10 * i, y0 - 30, x0 + 10 * i + 5, y0 - 20) for i in range(3)])
+    with pytest.raises(ExemplarError, match=r"ex.gpkg: exemplar feature 3: more than 2 exemplars of 'roof'"):
+        _read(tmp_path, path)
