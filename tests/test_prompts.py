@@ -343,16 +343,16 @@ def test_class_map_is_exclusive_chunk_invariant_and_a_valid_coverage(tmp_path, i
     # and classes.tif follows the new thresholds
     from geoseg import VectorizeConfig, vectorize
 
+    # fill_holes: specks of one class inside the other's holes are absorbed, never left overlapping
+    for options in ({"dst_crs": "EPSG:4326"}, {"fill_holes": 50.0}):
+        path, n = vectorize(runs[0].run_dir, VectorizeConfig(**options))
+        assert n > 0 and shapely.coverage_is_valid(gpd.read_file(path, layer="segments").geometry.values), options
     path, n = vectorize(runs[0].run_dir, VectorizeConfig(threshold=(0.999, 0.9), simplify=1.5))
     simplified = gpd.read_file(path, layer="segments").geometry.values
     assert n > 0 and shapely.coverage_is_valid(simplified)
     # no overlaps: the union's area is the sum of the areas (to float rounding of ~1e5 m² sums)
     total = shapely.area(simplified).sum()
     assert abs(shapely.union_all(simplified).area - total) < 1e-6 * total
-    # fill_holes: specks of one class inside the other's holes are absorbed, never left overlapping
-    for options in ({"dst_crs": "EPSG:4326"}, {"fill_holes": 50.0}):
-        path, n = vectorize(runs[0].run_dir, VectorizeConfig(**options))
-        assert n > 0 and shapely.coverage_is_valid(gpd.read_file(path, layer="segments").geometry.values), options
     relabelled = _band(runs[0].run_dir / "classes.tif", 1)
     expected = np.where(best >= np.array([0.999, 0.9])[win], win + 1, 0)
     assert np.array_equal(relabelled[~masked], expected[~masked]) and not np.array_equal(relabelled, labels)
