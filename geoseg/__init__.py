@@ -24,12 +24,15 @@ from .errors import (  # noqa: E402
     RasterError,
     RasterOpenError,
     RasterReadError,
+    ReferenceDataError,
     UnsupportedDataError,
 )
+from .evaluation import EvaluateConfig, EvaluationResult, evaluate  # noqa: E402
 from .pipeline import RunResult, segment, vectorize  # noqa: E402
 
 __all__ = [
     "__version__", "segment", "vectorize", "SegmentConfig", "VectorizeConfig", "RunResult", "DEFAULT_MODEL",
+    "evaluate", "EvaluateConfig", "EvaluationResult", "ReferenceDataError",
     "GeosegError", "ConfigError", "RasterError", "RasterOpenError", "MissingCRSError", "GeoreferencingError",
     "UnsupportedDataError", "RasterReadError", "ModelLoadError", "ModelOutOfMemoryError", "OutputExistsError",
     "NotARunError", "ChunkFailedError", "ExemplarError",

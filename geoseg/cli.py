@@ -189,3 +189,50 @@ def preview(run_dir, output, size, mode):
     from .preview import render_preview
 
     click.echo(render_preview(run_dir, output, size=size, mode=mode))
+
+
+def _class_pairs(ctx, param, value):
+    """``--class VALUE=PROMPT`` (repeatable) → ((value, prompt), ...)."""
+    out = []
+    for item in value or ():
+        value_, sep, prompt = item.partition("=")
+        if not sep or not value_.strip() or not prompt.strip():
+            raise click.BadParameter(f"expected VALUE=PROMPT (e.g. bldg=building), got {item!r}")
+        out.append((value_.strip(), prompt.strip()))
+    return tuple(out)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--truth", type=click.Path(path_type=Path), required=True,
+              help="Reference polygons (any OGR vector file; reprojected to the raster's CRS if needed).")
+@click.option("--class-field", default=None,
+              help="Truth attribute naming each polygon's class; a class scores the prompt with the same text "
+                   "unless --class maps it. Without it, every truth polygon shows one prompt.")
+@click.option("--class", "classes", multiple=True, callback=_class_pairs, metavar="VALUE=PROMPT",
+              help="Map truth class VALUE to the run's PROMPT (repeat). Unmapped classes count as background.")
+@click.option("--prompt", default=None,
+              help="Without --class-field: the prompt the truth shows (needed when the run has several).")
+@click.option("--aoi", type=click.Path(path_type=Path), default=None,
+              help="Polygons bounding the evaluation. Default: the bounding box of the truth polygons.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Report directory for evaluation.json, evaluation.txt and pr_curve.png "
+                   "[default: RUN_DIR/evaluation].")
+@click.option("--overwrite", is_flag=True, help="Replace report files already in the output directory.")
+@click.option("--no-objects", is_flag=True, help="Skip object-level scores (they hold the area's polygons in memory).")
+@handle_errors
+def evaluate(run_dir, truth, class_field, classes, prompt, aoi, output, overwrite, no_objects):
+    """Score RUN_DIR's probabilities against reference polygons (no model run).
+
+    Pixel IoU, F1, precision and recall per prompt at the run's threshold, the thresholds that
+    maximise F1 and IoU, object matches at IoU >= 0.5, and a precision-recall chart.
+    """
+    from .evaluation import EvaluateConfig
+    from .evaluation import evaluate as run
+
+    config = EvaluateConfig(truth=truth, class_field=class_field, classes=classes, prompt=prompt, aoi=aoi,
+                            output=output, overwrite=overwrite, objects=not no_objects)
+    result = run(run_dir, config)
+    click.echo(result.table())
+    click.echo("")
+    click.echo("\n".join(str(p) for p in result.files))

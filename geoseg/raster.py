@@ -402,8 +402,14 @@ def inspect_raster(path: str, bands: Sequence[int] = (), crs: str | None = None,
 
 
 def bounded_gdal_cache() -> rasterio.Env:
-    """A GDAL environment whose block cache is capped (see ``config.GDAL_CACHEMAX_MB``)."""
-    return rasterio.Env(**({} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHEMAX_MB}))
+    """A GDAL environment whose block cache is capped (see ``config.GDAL_CACHEMAX_MB``).
+
+    rasterio hands an integer ``GDAL_CACHEMAX`` to ``GDALSetCacheMax64``, which counts bytes (not MB
+    as the config-option string would): so the cap is given in bytes.
+    """
+    if "GDAL_CACHEMAX" in os.environ:
+        return rasterio.Env()
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB * 1024 * 1024)
 
 
 def open_input(info: RasterInfo):
