@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from geoseg.prompts import PromptPlan
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
@@ -99,7 +101,7 @@ def main(argv=None) -> None:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         tiles = [Region(0, TILE * i, TILE, TILE) for i in range(batch * (args.steps + 1))]
         for cached in (False, True):
-            trainer = DecoderTrainer(seg, ("a building",), RandomTiles(), None, "bce", None)
+            trainer = DecoderTrainer(seg, PromptPlan(("a building",)), RandomTiles(), None, "bce", None)
             opt = torch.optim.AdamW(trainer.decoder.parameters(), lr=1e-4)
             if cached:
                 cache = ActivationCache(8 << 30)

@@ -13,6 +13,7 @@ from .config import DEFAULT_MODEL, SegmentConfig, VectorizeConfig  # noqa: E402
 from .errors import (  # noqa: E402
     ChunkFailedError,
     ConfigError,
+    ExemplarError,
     GeoreferencingError,
     GeosegError,
     MissingCRSError,
@@ -34,7 +35,7 @@ __all__ = [
     "evaluate", "EvaluateConfig", "EvaluationResult", "ReferenceDataError",
     "GeosegError", "ConfigError", "RasterError", "RasterOpenError", "MissingCRSError", "GeoreferencingError",
     "UnsupportedDataError", "RasterReadError", "ModelLoadError", "ModelOutOfMemoryError", "OutputExistsError",
-    "NotARunError", "ChunkFailedError",
+    "NotARunError", "ChunkFailedError", "ExemplarError",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

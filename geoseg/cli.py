@@ -140,6 +140,26 @@ def main(verbose, debug, progress_mode):
 @click.option("--overwrite", is_flag=True,
               help="Start afresh: replace geoseg's files in the output directory (a previous run, of this job "
                    "or another, is not resumed); other files there are kept.")
+@click.option("--templates", default="aerial", show_default=True, metavar="none|aerial|FILE",
+              help="Prompt templates: each phrase is embedded through every template and the embeddings "
+                   "averaged (direction of the mean unit vector, mean length). aerial: a remote-sensing set; "
+                   "none: the bare phrase; FILE: one template per line with {} for the phrase.")
+@click.option("--negative", "negatives", multiple=True, metavar="[PROMPT=]PHRASE",
+              help="What a prompt must not fire on (repeatable): PHRASE for every prompt, PROMPT=PHRASE for one. "
+                   "Each prompt's probability becomes p * (1 - max p_negative); still one band per prompt.")
+@click.option("--exemplars", multiple=True, metavar="FILE",
+              help="Exemplar polygons (e.g. a GeoPackage layer drawn in QGIS) whose --class-field names each "
+                   "polygon's prompt: 'find more like these'. Any CRS (reprojected).")
+@click.option("--class-field", default="class", show_default=True,
+              help="The --exemplars field holding the prompt each polygon is an example of.")
+@click.option("--exemplar", multiple=True, metavar="PROMPT=FILE",
+              help="Every polygon of FILE is an exemplar of PROMPT (repeatable).")
+@click.option("--exemplar-weight", type=float, default=0.5, show_default=True,
+              help="Mix of text and exemplar embeddings for a prompt that has both: (1-w)*text + w*image; "
+                   "1 uses the exemplars only.")
+@click.option("--classes", is_flag=True,
+              help="Also write classes.tif, an exclusive class map (argmax over the prompts, 0 = none below the "
+                   "winner's threshold, 255 = nodata); the polygons are then its classes (no overlaps).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @vector_options
 @handle_errors
@@ -248,6 +268,8 @@ def evaluate(run_dir, truth, class_field, classes, prompt, aoi, output, overwrit
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model: hub id or local directory.")
 @click.option("--revision", default=None, help="Hub revision of the base model.")
 @click.option("--device", default="auto", show_default=True, help="auto picks CUDA, then MPS, then CPU.")
+@click.option("--templates", default="aerial", show_default=True, metavar="none|aerial|FILE",
+              help="Prompt templates, as for segment: train with the ones you will segment with.")
 @click.option("--steps", type=int, default=1000, show_default=True, help="Optimiser steps (at most).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Tiles per step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate.")

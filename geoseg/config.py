@@ -119,6 +119,19 @@ class SegmentConfig:
     retries: int = 2
     overwrite: bool = False
     vector: VectorizeConfig = field(default_factory=VectorizeConfig)
+    #: ``none``, ``aerial`` (default: a remote-sensing ensemble) or a file of templates (geoseg.prompts)
+    templates: str = "aerial"
+    #: ``PHRASE`` (every prompt) or ``PROMPT=PHRASE`` (that prompt only): what a prompt must not fire on
+    negatives: tuple[str, ...] = ()
+    #: Exemplar polygon files whose ``class_field`` names each polygon's prompt
+    exemplars: tuple[str, ...] = ()
+    class_field: str = "class"
+    #: ``PROMPT=FILE``: every polygon of FILE is an exemplar of PROMPT
+    exemplar: tuple[str, ...] = ()
+    #: Weight of the image embedding when a prompt has a phrase and exemplars (0 = text only, 1 = image only)
+    exemplar_weight: float = 0.5
+    #: Also write the exclusive class map ``classes.tif``; the polygons are then its classes (no overlaps)
+    classes: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "input", str(self.input))
@@ -142,6 +155,18 @@ class SegmentConfig:
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         self.vector.thresholds_for(len(self.prompts))
+        from .prompts import load_templates, parse_negatives
+
+        for name in ("negatives", "exemplars", "exemplar"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name), str))
+        load_templates(self.templates)
+        parse_negatives(self.negatives, self.prompts)
+        if not 0.0 <= self.exemplar_weight <= 1.0:
+            raise ConfigError(f"--exemplar-weight must be in 0..1, got {self.exemplar_weight}")
+        if self.classes:
+            from .classes import check_classes
+
+            check_classes(len(self.prompts))
 
     def replace(self, **changes) -> SegmentConfig:
         return dataclasses.replace(self, **changes)
@@ -153,4 +178,5 @@ class SegmentConfig:
             "revision": self.revision, "bands": list(self.bands), "crs": self.crs,
             "resolution": self.resolution, "tile_size": self.tile_size, "stride": self.stride,
             "chunk_size": self.chunk_size, "threshold": list(self.vector.threshold),
+            "negatives": list(self.negatives), "exemplar_weight": self.exemplar_weight, "classes": self.classes,
         }

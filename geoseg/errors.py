@@ -67,6 +67,10 @@ class ChunkFailedError(GeosegError, RuntimeError):
     """A chunk task failed for a reason that retrying will not fix; the message names the chunk."""
 
 
+class ExemplarError(GeosegError, ValueError):
+    """An exemplar polygon cannot serve as an image prompt; the message names its file and feature id."""
+
+
 class ReferenceDataError(GeosegError, ValueError):
     """Reference polygons (truth, labels, an AOI) cannot be used: file missing or unreadable, no CRS,
     a named field absent, or no overlap with the raster. The message names the file."""

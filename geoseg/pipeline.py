@@ -16,13 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from .classes import class_map, exclusive, write_class_part, write_classes
 from .config import SegmentConfig, VectorizeConfig
 from .export import write_vector
 from .model import SegmenterFactory, clipseg_factory
+from .modelcard import read_model_card
 from .pieces import Pieces, merge_seams, polygonize_chunk, read_pieces
 from .polygons import finalize
+from .prompts import PromptPlan, build_plan, embeddings_sha256
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
 from .rundir import (
+    CLASS_PART,
     PARTS,
     PROBABILITIES,
     PROBABILITIES_VRT,
@@ -70,29 +74,36 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     info = inspect_raster(config.input, config.bands, config.crs, config.resolution)
     thresholds = config.vector.thresholds_for(len(config.prompts))
     factory = segmenter_factory or clipseg_factory(config.model, config.revision, config.device)
-    fp = fingerprint(config, info)
+    plan = build_plan(config, info)  # exemplars are read (and refused) before anything is written
+    _check_card_templates(config.model, plan)
+    fp = fingerprint(config, info, plan)
     run_dir = config.output
     done = prepare_run_dir(run_dir, fp, config.overwrite)
     regions = plan_chunks(info, config.chunk_size)
-    manifest = RunManifest.new(config, info, fp, regions)
+    manifest = RunManifest.new(config, info, fp, regions, prompting=plan.describe())
+    manifest.prompting["exemplars_sha256"] = plan.exemplars_sha256()
     manifest.save(run_dir)
 
     # A raster without one valid pixel needs no chunk task: all-nodata COG, empty layer.
     worked = [] if info.all_masked else regions
     jobs = [ChunkJob(r, info, config.prompts, thresholds, config.tile_size, config.stride,
-                     config.batch_size, str(run_dir), fp, factory)
+                     config.batch_size, str(run_dir), fp, factory, plan.applies, config.classes)
             for r in worked if r.name not in done]
     for name in done:
         manifest.chunks[name].status = "done (resumed)"
     try:
-        results = _run_jobs(jobs, config, client, progress, manifest)
+        results = _run_jobs(jobs, config, client, progress, manifest, plan)
         revisions = sorted({r.model_revision for r in results if r.model_revision})
         if revisions:
             manifest.model_revision = revisions[0] if len(revisions) == 1 else revisions
         probs_path = assemble_probabilities(run_dir, worked, info, config.prompts)
+        outputs = {"probabilities": probs_path.name}
+        if config.classes:
+            outputs["classes"] = write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in worked],
+                                               info, config.prompts).name
         pieces = [read_pieces(part_path(run_dir, r.name, ".pieces")) for r in worked]
         vec_path, features = write_polygons(run_dir, pieces, worked, info.transform, info.crs,
-                                            config.prompts, config.vector)
+                                            config.prompts, config.vector, exclusive=config.classes)
     except BaseException as exc:
         manifest.status, manifest.finished, manifest.error = "failed", now(), f"{type(exc).__name__}: {exc}"
         manifest.save(run_dir)
@@ -104,26 +115,39 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     elif features == 0:
         log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, vec_path)
     manifest.status, manifest.finished, manifest.features = "complete", now(), features
-    manifest.outputs = {"probabilities": probs_path.name, "polygons": vec_path.name}
+    manifest.outputs = {**outputs, "polygons": vec_path.name}
     manifest.save(run_dir)
     return RunResult(run_dir, probs_path, vec_path, len(results), len(done),
                      sum(r.model_tiles for r in results), features, manifest)
 
 
 def _run_jobs(jobs: Sequence[ChunkJob], config: SegmentConfig, client: Any, progress: bool,
-              manifest: RunManifest) -> list[ChunkResult]:
+              manifest: RunManifest, plan: PromptPlan) -> list[ChunkResult]:
     results: list[ChunkResult] = []
     if not jobs:
         return results
     with dask_client(config.scheduler, client, config.workers) as c:
         if progress and c.dashboard_link:
             print(f"Dask dashboard: {c.dashboard_link}", file=sys.stderr, flush=True)
-        for res in ChunkSubmitter(c, config.max_in_flight, config.retries).run(jobs, progress):
+        submitter = ChunkSubmitter(c, config.max_in_flight, config.retries)
+        for res in submitter.run(jobs, progress, plan):
+            if submitter.encode_seconds is not None and "encode_seconds" not in manifest.prompting:
+                manifest.prompting.update(_embedding_record(plan, submitter.embeddings, submitter.encode_seconds))
             results.append(res)
             chunk = manifest.chunks[res.name]
             chunk.status, chunk.tiles, chunk.model_tiles = "done", res.tiles, res.model_tiles
             chunk.seconds, chunk.worker = res.seconds, res.worker
     return results
+
+
+def _embedding_record(plan: PromptPlan, embeddings: Any, seconds: float) -> dict[str, Any]:
+    """Manifest facts about the encoded prompts: the time it took and a hash of the exemplar prompts'
+    final embeddings (so a resumed run can be checked to condition on the same thing)."""
+    record: dict[str, Any] = {"encode_seconds": round(seconds, 4)}
+    rows = [k for k, crops in enumerate(plan.exemplars) if crops is not None]
+    if rows:
+        record["exemplar_embeddings_sha256"] = embeddings_sha256(np.asarray(embeddings)[rows])
+    return record
 
 
 def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: RasterInfo,
@@ -139,15 +163,29 @@ def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: Raste
 
 
 def write_polygons(run_dir: Path, pieces: list[Pieces], regions: Sequence[Region], transform: Any, crs: Any,
-                   prompts: Sequence[str], vector: VectorizeConfig) -> tuple[Path, int]:
-    """Merge the chunks' pieces across seams, clean up, and write the vector file once."""
+                   prompts: Sequence[str], vector: VectorizeConfig, exclusive: bool = False) -> tuple[Path, int]:
+    """Merge the chunks' pieces across seams, clean up, and write the vector file once.
+
+    ``exclusive``: the pieces are a class map's (no overlaps between prompts), kept one coverage."""
     merged = merge_seams(pieces, [(r.row, r.col, r.height, r.width) for r in regions])
     thresholds = vector.thresholds_for(len(prompts))
     gdf = finalize(merged, transform, crs, prompts, thresholds, min_area=vector.min_area,
-                   fill_holes=vector.fill_holes, simplify=vector.simplify, dst_crs=vector.dst_crs)
+                   fill_holes=vector.fill_holes, simplify=vector.simplify, dst_crs=vector.dst_crs,
+                   exclusive=exclusive)
     path = run_dir / polygons_name(vector.vector_format)
     write_vector(gdf, path, vector.vector_format, prompts=prompts)
     return path, len(gdf)
+
+
+class _GridInfo:
+    """The grid of a finished run's probability COG, as the class-map writers need it."""
+
+    def __init__(self, src: Any):
+        from affine import Affine
+
+        self.width, self.height, self.transform = src.width, src.height, src.transform
+        self.crs, self.crs_wkt = src.crs, src.crs.to_wkt()
+        self.region_transform = lambda r: self.transform @ Affine.translation(r.col, r.row)
 
 
 def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
@@ -164,17 +202,34 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
     prompts = manifest.prompts
     thresholds = vector.thresholds_for(len(prompts))
     regions = manifest.regions()
+    classes = bool(manifest.options.get("classes"))
     pieces = []
     with bounded_gdal_cache(), rasterio.open(run_dir / PROBABILITIES) as src:
         transform, crs = src.transform, src.crs
         for r in regions:
             probs = src.read(window=((r.row, r.row_stop), (r.col, r.col_stop)))
             valid = np.isfinite(probs).all(axis=0)
+            if classes:  # the class map follows the new thresholds too
+                labels = class_map(probs, valid, thresholds)
+                write_class_part(part_path(run_dir, r.name, CLASS_PART), labels, _GridInfo(src), r)
+                probs = exclusive(probs, labels)
             pieces.append(polygonize_chunk(probs, valid, r.row, r.col, thresholds))
-    path, features = write_polygons(run_dir, pieces, regions, transform, crs, prompts, vector)
+        if classes:
+            write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in regions], _GridInfo(src), prompts)
+    path, features = write_polygons(run_dir, pieces, regions, transform, crs, prompts, vector, exclusive=classes)
     if features == 0:
         log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, path)
     manifest.vectorize_runs.append({"at": now(), **asdict(vector), "features": features})
     manifest.outputs["polygons"] = path.name
     manifest.save(run_dir)
     return path, features
+
+
+def _check_card_templates(model: str, plan: PromptPlan) -> None:
+    """A `geoseg train` model learnt FiLM for embeddings made with its card's templates; other
+    templates feed it embeddings it never saw (allowed, but worth one warning)."""
+    card = read_model_card(model) or {}
+    trained = card.get("templates")
+    if trained is not None and list(trained) != list(plan.templates):
+        log.warning("%s was trained with templates %s; this run uses %s (pass the same --templates)",
+                    model, trained, list(plan.templates))

@@ -167,11 +167,14 @@ def _fill_holes(geoms: np.ndarray, measure: _Measure, limit: float) -> tuple[np.
     return out, changed
 
 
-def _absorb_islands(geoms: np.ndarray, prompt: np.ndarray, changed: np.ndarray) -> np.ndarray:
+def _absorb_islands(geoms: np.ndarray, prompt: np.ndarray, changed: np.ndarray,
+                    any_prompt: bool = False) -> np.ndarray:
     """After hole filling, map each polygon lying inside a filled hole to its container (same prompt).
 
     Keeps the output a coverage (no overlaps within a prompt), which coverage simplification
     requires and a GIS user expects. Returns ``target`` with ``target[i] = i`` for survivors.
+    ``any_prompt`` (a class map): polygons of every prompt inside a filled hole are absorbed, so
+    classes stay exclusive (a small enclosed patch takes the class around it).
     """
     target = np.arange(len(geoms))
     if not changed.any():
@@ -180,7 +183,7 @@ def _absorb_islands(geoms: np.ndarray, prompt: np.ndarray, changed: np.ndarray) 
     cont = np.flatnonzero(changed)
     i, j = tree.query(geoms[cont], predicate="contains")
     i = cont[i]
-    sel = (i != j) & (prompt[i] == prompt[j])
+    sel = (i != j) & ((prompt[i] == prompt[j]) | any_prompt)
     group = components(len(geoms), i[sel], j[sel])
     # a group's largest polygon contains all the others: it is their target
     order = np.lexsort((-shapely.area(geoms), group))
@@ -188,6 +191,36 @@ def _absorb_islands(geoms: np.ndarray, prompt: np.ndarray, changed: np.ndarray) 
     biggest = np.empty(int(group.max()) + 1, np.int64)
     biggest[group[first]] = first
     return biggest[group]
+
+
+def _node_coverage(geoms: np.ndarray) -> np.ndarray:
+    """Add to each polygon the vertices of its neighbours that lie on its edges, so touching
+    polygons share identical edges (a valid coverage in GEOS's sense, which simplification keeps).
+
+    Class-map polygons share pixel edges, but each polygon is built with only its own corners: an
+    edge of one may span several vertices of the other. Runs in pixel space, where every vertex is
+    an integer, so snapping with a tiny tolerance only cracks edges at existing vertices.
+    """
+    tree = shapely.STRtree(geoms)
+    i, j = tree.query(geoms, predicate="intersects")
+    keep = i != j
+    i, j = i[keep], j[keep]
+    if not len(i):
+        return geoms
+    coords, owner = shapely.get_coordinates(geoms, return_index=True)
+    count = np.bincount(owner, minlength=len(geoms))
+    start = np.r_[0, np.cumsum(count)[:-1]]
+    order = np.argsort(i, kind="stable")
+    i, j = i[order], j[order]
+    reps = count[j]
+    pair = np.repeat(np.arange(len(i)), reps)
+    offset = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
+    points = coords[start[j][pair] + offset]
+    targets, which = np.unique(i[pair], return_inverse=True)
+    reference = shapely.multipoints(points, indices=which)
+    out = geoms.copy()
+    out[targets] = shapely.snap(geoms[targets], reference, tolerance=1e-6)
+    return out
 
 
 def _coverage_simplify(geoms: np.ndarray, prompt: np.ndarray, tolerance: float) -> np.ndarray:
@@ -250,7 +283,7 @@ def _empty_frame(crs: Any):
 
 def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str],
              thresholds: Sequence[float], *, min_area: float = 0, fill_holes: float = 0,
-             simplify: float = 0, dst_crs: Any = None):
+             simplify: float = 0, dst_crs: Any = None, exclusive: bool = False):
     """Turn merged pixel-space pieces into a map-ready ``GeoDataFrame``.
 
     Steps, all after :func:`merge_seams` so that no chunk-border artefact can influence them:
@@ -277,6 +310,10 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     projection's curvature); for a geographic destination, polygons crossing the antimeridian are
     split at ±180°. Measurements always come from the source CRS, where the pixels live.
 
+    ``exclusive``: the pieces come from a class map (``--classes``: no two prompts overlap). Hole
+    filling then absorbs islands of any prompt and simplification treats all polygons as one
+    coverage, so the classes stay a valid coverage (no overlaps, no new gaps between them).
+
     Empty input gives an empty GeoDataFrame with the same columns and CRS.
     """
     import geopandas as gpd
@@ -301,13 +338,13 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     if len(pieces) == 0:
         return _empty_frame(out_crs)
 
-    geoms = _apply_affine(pieces.geometry, transform)
+    geoms = _apply_affine(_node_coverage(pieces.geometry) if exclusive else pieces.geometry, transform)
     prompt = pieces.prompt_index.copy()
     n_px, sum_p, max_p = pieces.n_px.copy(), pieces.sum_p.copy(), pieces.max_p.copy()
 
     if fill_holes > 0:
         geoms, changed = _fill_holes(geoms, measure, fill_holes)
-        target = _absorb_islands(geoms, prompt, changed)
+        target = _absorb_islands(geoms, prompt, changed, any_prompt=exclusive)
         if np.any(target != np.arange(len(geoms))):
             k = len(geoms)
             n_px = np.bincount(target, weights=n_px, minlength=k).astype(np.int64)
@@ -323,7 +360,7 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
         geoms, prompt, n_px, sum_p, max_p = geoms[keep], prompt[keep], n_px[keep], sum_p[keep], max_p[keep]
 
     if simplify > 0 and len(geoms):
-        geoms = _coverage_simplify(geoms, prompt, simplify)
+        geoms = _coverage_simplify(geoms, np.zeros_like(prompt) if exclusive else prompt, simplify)
         keep = ~shapely.is_empty(geoms)
         geoms, prompt, n_px, sum_p, max_p = geoms[keep], prompt[keep], n_px[keep], sum_p[keep], max_p[keep]
         geoms = shapely.orient_polygons(geoms, exterior_cw=False)

@@ -6,6 +6,7 @@ nowhere else)::
     manifest.json        RunManifest: input, prompts, options, raster, chunk states, outputs
     probabilities.tif    the probability COG (one band per prompt)
     polygons.gpkg        the polygons (or polygons.parquet)
+    classes.tif          with --classes: the exclusive class map (+ classes.tif.aux.xml, classes.qml)
     parts/               per-chunk probability parts, pieces and done-records (what resume reads)
 
 The manifest records the input both as an absolute path and relative to the run directory, so later
@@ -39,8 +40,13 @@ PROBABILITIES = "probabilities.tif"
 PROBABILITIES_VRT = "probabilities.vrt"
 PARTS = "parts"
 POLYGONS = {"gpkg": "polygons.gpkg", "parquet": "polygons.parquet"}
+#: The exclusive class map (``--classes``), its category names (GDAL PAM), its QGIS style, its mosaic.
+CLASSES = "classes.tif"
+CLASSES_FILES = (CLASSES, CLASSES + ".aux.xml", "classes.qml", "classes.vrt")
+#: Suffix of a chunk's class-map part in ``parts/``.
+CLASS_PART = ".classes.tif"
 #: Names geoseg owns inside a run directory; --overwrite removes only these.
-OWNED = (MANIFEST, PROBABILITIES, PARTS, *POLYGONS.values(), PROBABILITIES_VRT)
+OWNED = (MANIFEST, PROBABILITIES, PARTS, *POLYGONS.values(), PROBABILITIES_VRT, *CLASSES_FILES)
 
 
 def polygons_name(vector_format: str) -> str:
@@ -138,16 +144,21 @@ class RunManifest:
     empty: str | None = None
     vectorize_runs: list[dict[str, Any]] = field(default_factory=list)
     model_card: dict[str, Any] | None = None  # the card of a `geoseg train` model directory
+    #: How the prompts reached the model (``PromptPlan.describe``): templates, expanded texts,
+    #: negatives per prompt, exemplar ids and weight, hashes of the exemplar crops and embeddings,
+    #: the encoding time.
+    prompting: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def new(cls, config: SegmentConfig, info: RasterInfo, fp: str, regions: list[Region]) -> RunManifest:
+    def new(cls, config: SegmentConfig, info: RasterInfo, fp: str, regions: list[Region],
+            prompting: dict[str, Any] | None = None) -> RunManifest:
         options = asdict(config)
         options["output"] = str(config.output)
         absolute, relative = _input_paths(config.input, config.output)
         return cls(input=absolute, input_relative=relative, prompts=tuple(config.prompts), fingerprint=fp,
                    model=config.model, model_revision=config.revision, options=options,
                    raster=RasterRecord.of(info), chunks={r.name: ChunkRecord(r) for r in regions},
-                   model_card=read_model_card(config.model))
+                   model_card=read_model_card(config.model), prompting=dict(prompting or {}))
 
     def input_path(self, run_dir: Path) -> str:
         """The input as recorded if it exists, else relative to ``run_dir`` (a moved project)."""
@@ -175,6 +186,8 @@ class RunManifest:
             out["outputs"] = dict(self.outputs)
         if self.vectorize_runs:
             out["vectorize_runs"] = list(self.vectorize_runs)
+        if self.prompting:
+            out["prompting"] = dict(self.prompting)
         return out
 
     @classmethod
@@ -188,7 +201,8 @@ class RunManifest:
                    started=str(data.get("started", "")), finished=data.get("finished"),
                    features=data.get("features"), outputs=dict(data.get("outputs") or {}),
                    error=data.get("error"), empty=data.get("empty"),
-                   vectorize_runs=list(data.get("vectorize_runs") or []), model_card=data.get("model_card"))
+                   vectorize_runs=list(data.get("vectorize_runs") or []), model_card=data.get("model_card"),
+                   prompting=dict(data.get("prompting") or {}))
 
     def save(self, run_dir: Path) -> None:
         write_json_atomic(Path(run_dir) / MANIFEST, self.to_json())
@@ -239,13 +253,18 @@ def _model_files(model: str) -> dict[str, list[int]]:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(model).iterdir()) if p.is_file()}
 
 
-def fingerprint(config: SegmentConfig, info: RasterInfo) -> str:
-    """Hash of everything that determines the output pixels; equal hash = same job (resumable)."""
+def fingerprint(config: SegmentConfig, info: RasterInfo, plan: Any = None) -> str:
+    """Hash of everything that determines the output pixels; equal hash = same job (resumable).
+
+    ``plan`` (a :class:`geoseg.prompts.PromptPlan`) adds the resolved templates and the exemplar
+    crops' hash: a changed template file or exemplar layer is a different job.
+    """
     stat = {}
     with contextlib.suppress(OSError):
         st = os.stat(config.input)
         stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    blob = json.dumps({**config.pixel_options(), **stat, "grid": [info.width, info.height],
+    prompting = plan.fingerprint_fields() if plan is not None else {}
+    blob = json.dumps({**config.pixel_options(), **stat, **prompting, "grid": [info.width, info.height],
                        "model_files": _model_files(config.model)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ChunkFailedError, GeosegError, ModelOutOfMemoryError, RasterReadError, first_line
-from .model import encode_prompts
+from .model import encode_plan
 from .stages import ChunkJob, ChunkResult, finish_chunk, infer_chunk, read_chunk
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,9 @@ class ChunkSubmitter:
         self._polled = -float("inf")
         self._jobs: dict[str, ChunkJob] = {}  # future key -> its chunk
         self._embeddings: Any = None
+        #: The run's conditional embeddings and the seconds their one task took (for the manifest).
+        self.embeddings: Any = None
+        self.encode_seconds: float | None = None
 
     def poll(self) -> None:
         """Re-read the cluster (at most every :data:`CLUSTER_POLL_S`): GPU resources, window size."""
@@ -183,11 +186,16 @@ class ChunkSubmitter:
         self._jobs[done.key] = job
         return done
 
-    def run(self, jobs: Sequence[ChunkJob], progress: bool = False) -> Iterator[ChunkResult]:
-        """Run every job; yield each chunk's :class:`ChunkResult` as it finishes."""
+    def run(self, jobs: Sequence[ChunkJob], progress: bool = False, plan: Any = None) -> Iterator[ChunkResult]:
+        """Run every job; yield each chunk's :class:`ChunkResult` as it finishes.
+
+        ``plan`` (a :class:`geoseg.prompts.PromptPlan`; default: the jobs' prompts as they are) is
+        encoded once, in one task, before any chunk is submitted.
+        """
         from distributed import as_completed
 
         from .progress import progress_bar
+        from .prompts import PromptPlan
 
         if not jobs:
             return
@@ -195,9 +203,11 @@ class ChunkSubmitter:
         self.poll()
         first = jobs[0]
         # A few KB: fetched once and sent by value, so no chunk task is tied to the worker that made it.
-        self._embeddings = self.client.submit(
-            encode_prompts, first.factory, first.prompts, key=f"geoseg-{first.fingerprint}-prompts",
+        plan = plan if plan is not None else PromptPlan(first.prompts)
+        self.embeddings, self.encode_seconds = self.client.submit(
+            _timed_encode, first.factory, plan, key=f"geoseg-{first.fingerprint}-prompts",
             resources=self.resources, pure=False).result()
+        self._embeddings = self.embeddings
         pending = as_completed([self.submit(j) for j in itertools.islice(todo, self.window)])
         model_tiles = 0
         try:
@@ -243,3 +253,14 @@ class ChunkSubmitter:
         if isinstance(outcome, ChunkError):
             raise outcome.error
         return outcome
+
+
+def _timed_encode(factory: Any, plan: Any) -> tuple[Any, float]:
+    """The prompt task: the plan's embeddings and the seconds they took (model load excluded)."""
+    from .model import cached_segmenter
+
+    cached_segmenter(factory)
+    start = time.perf_counter()
+    embeddings = encode_plan(factory, plan)
+    return embeddings, time.perf_counter() - start
+

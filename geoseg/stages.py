@@ -21,10 +21,12 @@ import numpy as np
 
 from .atomic import write_json_atomic
 from .blend import accumulate, new_accumulators, normalise
+from .classes import class_map, exclusive, write_class_part
 from .model import SegmenterFactory, cached_segmenter
 from .pieces import polygonize_chunk, write_pieces
+from .prompts import apply_negatives
 from .raster import RasterInfo, bounded_gdal_cache, open_input, read_window, to_model_rgb, write_part
-from .rundir import part_path
+from .rundir import CLASS_PART, part_path
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
 
 
@@ -42,6 +44,10 @@ class ChunkJob:
     run_dir: str
     fingerprint: str
     factory: SegmenterFactory
+    #: Per prompt, the negatives (rows after the prompts in the embeddings) that apply to it.
+    negatives: tuple[tuple[int, ...], ...] = ()
+    #: Also write the chunk's exclusive class map, and polygonize the classes instead of each prompt.
+    classes: bool = False
 
     def path(self, suffix: str) -> Path:
         return part_path(self.run_dir, self.region.name, suffix)
@@ -135,8 +141,10 @@ def infer_chunk(job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> ChunkInfer
     segmenter = cached_segmenter(job.factory)
     n = len(tiles.tiles)
     probs = np.empty((n, len(job.prompts), job.tile_size, job.tile_size), np.float32)
+    applies = job.negatives or tuple(() for _ in job.prompts)
     for i, batch in zip(range(0, n, job.batch_size), tiles.batches(job.info, job.batch_size)):
-        probs[i:i + len(batch)] = segmenter.predict(batch, embeddings)
+        # negatives ran in the same call (extra embedding rows); one band per prompt remains
+        probs[i:i + len(batch)] = apply_negatives(segmenter.predict(batch, embeddings), applies)
     # ``revision`` is part of the Segmenter protocol; a plug-in model that lacks it records None
     revision = getattr(segmenter, "revision", None)
     return ChunkInference(probs, f"{socket.gethostname()}:{os.getpid()}", revision, time.perf_counter() - start)
@@ -160,6 +168,11 @@ def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) ->
     with bounded_gdal_cache():
         write_part(job.path(".tif"), probs, job.info, region, job.prompts)
     own_valid = tiles.valid[region.slices(within=tiles.window)]
+    if job.classes:
+        labels = class_map(probs, own_valid & np.isfinite(probs).all(axis=0), job.thresholds)
+        with bounded_gdal_cache():
+            write_class_part(job.path(CLASS_PART), labels, job.info, region)
+        probs = exclusive(probs, labels)
     pieces = polygonize_chunk(probs, own_valid, region.row, region.col, job.thresholds)
     write_pieces(job.path(".pieces"), pieces)
     seconds = tiles.seconds + inference.seconds + time.perf_counter() - start

@@ -36,6 +36,7 @@ from .atomic import write_json_atomic
 from .config import DEFAULT_MODEL, TILE_SIZE
 from .errors import ConfigError, OutputExistsError, ReferenceDataError
 from .modelcard import CARD_FORMAT, CARD_NAME, README_NAME, read_model_card, render_markdown, sha256_file
+from .prompts import PromptPlan, load_templates
 from .raster import bounded_gdal_cache, inspect_raster, open_input
 from .tiling import Region
 from .trainingdata import (
@@ -105,6 +106,9 @@ class TrainConfig:
     cache: bool | None = None
     cache_memory_mb: int = 2048
     overwrite: bool = False
+    #: Prompt templates, as ``segment --templates``: the decoder learns FiLM for the embeddings that
+    #: ``segment`` will feed it, so both must expand the prompts the same way (recorded in the card).
+    templates: str = "aerial"
 
     def __post_init__(self):
         object.__setattr__(self, "raster", str(self.raster))
@@ -295,7 +299,7 @@ def deterministic(seed: int):
 class DecoderTrainer:
     """Runs tiles through the frozen encoder (or the cache) and the trainable decoder."""
 
-    def __init__(self, segmenter, prompts: Sequence[str], tiles: TileSet, src, loss: str,
+    def __init__(self, segmenter, plan: PromptPlan, tiles: TileSet, src, loss: str,
                  cache: ActivationCache | None):
         import torch
 
@@ -306,8 +310,9 @@ class DecoderTrainer:
         segmenter.model.requires_grad_(False)
         self.decoder = segmenter.model.decoder
         self.decoder.requires_grad_(True)
-        # encode_prompts runs in inference mode; a clone outside it is an ordinary tensor autograd accepts
-        self.embeddings = segmenter.encode_prompts(tuple(prompts)).clone().to(self.device)
+        # the same encoding `segment` uses (templates); it runs in inference mode, and a clone outside
+        # it is an ordinary tensor autograd accepts
+        self.embeddings = segmenter.encode_plan(plan).clone().to(self.device)
 
     def encode(self, rgb: np.ndarray) -> list:
         """Frozen-encoder activations of (n, 3, T, T) 0..1 tiles, normalised as ``segment`` does."""
@@ -453,7 +458,8 @@ def train(config: TrainConfig, progress: bool = False) -> TrainResult:
     rng = np.random.default_rng(config.seed)
     history = []
     with deterministic(config.seed), bounded_gdal_cache(), open_input(info) as src:
-        trainer = DecoderTrainer(segmenter, [prompts[c] for c in classes], tiles, src, config.loss, None)
+        plan = PromptPlan(tuple(prompts[c] for c in classes), load_templates(config.templates))
+        trainer = DecoderTrainer(segmenter, plan, tiles, src, config.loss, None)
         import torch
 
         opt = torch.optim.AdamW(trainer.decoder.parameters(), lr=config.lr, weight_decay=0.0)
@@ -538,6 +544,7 @@ def _card(config: TrainConfig, info, labels, prompts, split, train_tiles, val_ti
                                                                   "val": split.class_pixels[k][1]}}
                     for k, c in enumerate(classes)],
         "prompts": {c: prompts[c] for c in classes},
+        "templates": list(load_templates(config.templates)),
         "split": {"block_size": split.block_size, "blocks": split.blocks, "val_blocks": len(split.val_blocks),
                   "val_fraction": config.val_fraction,
                   "area_pixels": {"train": split.area_pixels[0], "val": split.area_pixels[1]}},

@@ -125,3 +125,31 @@ class BorderFaultyFactory(PerPixelFactory):
 
     def __call__(self):
         return BorderFaultySegmenter(self.weights, self.bias, self.gain, self.border, self.fault)
+
+
+class TextOnlySegmenter:
+    """A loaded CLIPSeg seen only through ``encode_prompts``/``predict``: the pre-template path
+    (geoseg then gets the bare phrases, encoded as one batch), to compare ``--templates none`` with."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.revision = inner.revision
+
+    def encode_prompts(self, prompts):
+        return self._inner.encode_prompts(prompts)
+
+    def predict(self, tiles, embeddings):
+        return self._inner.predict(tiles, embeddings)
+
+
+class TextOnlyClipSegFactory:
+    def __init__(self, model_dir):
+        self.model_dir = str(model_dir)
+
+    def key(self):
+        return ("text-only-clipseg", self.model_dir)
+
+    def __call__(self):
+        from geoseg.model.clipseg import ClipSegSegmenter
+
+        return TextOnlySegmenter(ClipSegSegmenter.load(self.model_dir, device="cpu"))

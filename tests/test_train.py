@@ -20,6 +20,7 @@ import geoseg
 from geoseg.cli import main
 from geoseg.errors import ReferenceDataError
 from geoseg.modelcard import CARD_NAME
+from geoseg.prompts import PromptPlan, load_templates
 from geoseg.raster import inspect_raster, open_input
 from geoseg.tiling import Region
 from geoseg.train import TrainConfig, train, weighted_loss
@@ -161,6 +162,8 @@ def test_model_card_content(scene_files, tiny_model_dir, trained):
     card = json.loads((out / CARD_NAME).read_text())
     sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
     assert card["geoseg_model_card"] == 1
+    # trained through segment's default templates, so `segment --model` feeds the embeddings it learnt on
+    assert card["templates"] == list(load_templates("aerial")) and len(card["templates"]) > 1
     assert card["base_model"] == {"id": str(tiny_model_dir), "revision": None}
     assert card["raster"]["name"] == "scene.tif" and card["raster"]["sha256"] == sha(scene_files["raster"])
     assert card["labels"]["name"] == "labels.gpkg" and card["labels"]["sha256"] == sha(scene_files["labels"])
@@ -254,7 +257,7 @@ def test_training_tiles_equal_segment_tiles(tmp_path, tiny_model_dir):
     seg = ClipSegSegmenter.load(str(tiny_model_dir), device="cpu")
     emb = seg.encode_prompts(("red roof",))
     expected = seg.predict(batch[:2], emb)[:, 0]
-    trainer = DecoderTrainer(seg, ("red roof",), None, None, "bce", None)
+    trainer = DecoderTrainer(seg, PromptPlan(("red roof",)), None, None, "bce", None)
     with torch.no_grad():
         got = torch.sigmoid(trainer.logits(trainer.encode(batch[:2]), 0)).numpy()
     # same operations in the same order on the same CPU; 1e-6 allows the sigmoid's float32 rounding only

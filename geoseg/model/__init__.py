@@ -12,7 +12,7 @@ from typing import Any
 
 from .base import Segmenter, SegmenterFactory
 
-__all__ = ["Segmenter", "SegmenterFactory", "cached_segmenter", "clipseg_factory", "encode_prompts"]
+__all__ = ["Segmenter", "SegmenterFactory", "cached_segmenter", "clipseg_factory", "encode_plan", "encode_prompts"]
 
 _lock = threading.Lock()
 _cache: dict[Hashable, Segmenter] = {}
@@ -36,6 +36,23 @@ def cached_segmenter(factory: SegmenterFactory) -> Segmenter:
 def encode_prompts(factory: SegmenterFactory, prompts: Sequence[str]) -> Any:
     """Prompt embeddings, computed once per run in one task and passed to every chunk task."""
     return cached_segmenter(factory).encode_prompts(tuple(prompts))
+
+
+def encode_plan(factory: SegmenterFactory, plan: Any) -> Any:
+    """A run's conditional embeddings (positives, then negatives) from a :class:`geoseg.prompts.PromptPlan`.
+
+    A segmenter with ``encode_plan`` (CLIPSeg) applies templates and exemplars itself. Any other
+    segmenter (the deterministic test models) has no text encoder to put templates through: it gets
+    the bare phrases, and exemplars are refused.
+    """
+    from ..errors import ConfigError
+
+    segmenter = cached_segmenter(factory)
+    if hasattr(segmenter, "encode_plan"):
+        return segmenter.encode_plan(plan)
+    if plan.has_exemplars:
+        raise ConfigError(f"the model {factory!r} cannot take exemplar (image) prompts")
+    return segmenter.encode_prompts(tuple(plan.phrases))
 
 
 def clipseg_factory(model: str, revision: str | None = None, device: str = "auto") -> SegmenterFactory:

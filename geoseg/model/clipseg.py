@@ -20,6 +20,7 @@ from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from ..config import DEFAULT_MODEL
 from ..errors import ModelLoadError, ModelOutOfMemoryError
+from ..prompts import PromptPlan, ensemble, mix
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,36 @@ class ClipSegSegmenter:
         return out.pooler_output.float().cpu()
 
     @torch.inference_mode()
+    def encode_images(self, crops: np.ndarray, batch_size: int = 16) -> torch.Tensor:
+        """Visual-prompt embeddings (n, projection_dim) on the CPU for prepared 0..1 crops (n, 3, S, S).
+
+        The stock conditional path (``get_conditional_embeddings(conditional_pixel_values=...)``,
+        i.e. ``clip.get_image_features(...).pooler_output``) on the processor's normalisation.
+        """
+        out = []
+        for i in range(0, len(crops), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch_size], dtype=np.float32)).to(self.device)
+            x = (x - self.mean) / self.std
+            out.append(self.model.clip.get_image_features(x).pooler_output.float().cpu())
+        return torch.cat(out)
+
+    def encode_plan(self, plan: PromptPlan) -> torch.Tensor:
+        """The run's conditional embeddings (P + Q, D): positives then negatives (``geoseg.prompts``).
+
+        A plan without templates and exemplars is :meth:`encode_prompts` of its phrases as they are.
+        """
+        if plan.plain:
+            return self.encode_prompts(plan.phrases)
+        texts = [t for phrase in plan.phrases for t in plan.expand(phrase)]
+        raw = self.encode_prompts(texts).numpy().reshape(len(plan.phrases), len(plan.templates), -1)
+        rows = [ensemble(r) for r in raw]
+        for k, crops in enumerate(plan.exemplars):
+            if crops is not None:
+                image = ensemble(self.encode_images(crops).numpy())
+                rows[k] = mix(rows[k], image, plan.exemplar_weight)
+        return torch.from_numpy(np.stack(rows))
+
+    @torch.inference_mode()
     def predict(self, tiles: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
         """Sigmoid probabilities (N, P, T, T) for 0..1 RGB tiles (N, 3, T, T).
 
@@ -127,7 +158,7 @@ class ClipSegSegmenter:
         x = (x - self.mean) / self.std
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
-            logits = self.logits(x, embeddings.to(self.device))
+            logits = self.logits(x, torch.as_tensor(embeddings).to(self.device))
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     # -- the forward pass -------------------------------------------------------------------
