@@ -245,10 +245,9 @@ def evaluate(run_dir, truth, class_field, classes, prompt, aoi, output, overwrit
 
     config = EvaluateConfig(truth=truth, class_field=class_field, classes=classes, prompt=prompt, aoi=aoi,
                             output=output, overwrite=overwrite, objects=not no_objects)
-    result = run(run_dir, config)
-    click.echo(result.table())
-    click.echo("")
-    click.echo("\n".join(str(p) for p in result.files))
+    report = run(run_dir, config)
+    text = report.table() + "\n\n" + "\n".join(str(p) for p in report.files)
+    result(text, command="evaluate", run_dir=run_dir, files=[str(p) for p in report.files], text=report.table())
 
 
 @main.command()

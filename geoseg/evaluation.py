@@ -44,6 +44,7 @@ import numpy as np
 
 from .atomic import atomic_target
 from .errors import ConfigError, OutputExistsError, ReferenceDataError, first_line
+from .rundir import EVALUATION
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class RunInputs:
 
 
 def _load_run(run_dir: Path) -> RunInputs:
-    """The one place that reads the run directory (re-point it when the manifest gets a type).
+    """The one place that reads the run directory.
 
     The run threshold is the one its polygons were last made with: a later ``geoseg vectorize``
     overrides ``segment``'s.
@@ -342,17 +343,19 @@ def bin_index(p: np.ndarray, bins: int) -> np.ndarray:
     return np.clip(idx, 0, bins)
 
 
-def best_threshold(curve: Sequence[Scores], score: str) -> Scores | None:
+def best_threshold(curve: Sequence[Scores], score: str, run_threshold: float | None = None) -> Scores | None:
     """The grid threshold strictly inside (0, 1) with the highest ``score`` ('f1' or 'iou').
 
-    Ties go to the lowest threshold. None when the score is undefined everywhere (no truth and no
-    prediction) or zero everywhere (nothing to find).
+    Ties go to the run's threshold when it is one of them (a tie is no reason to change it), else to
+    the lowest. None when the score is undefined everywhere (no truth and no prediction) or zero
+    everywhere (nothing to find).
     """
     inner = curve[1:-1]
     values = [getattr(s, score) or 0.0 for s in inner]
     if not values or max(values) <= 0:
         return None
-    return inner[int(np.argmax(values))]
+    ties = [s for s, v in zip(inner, values, strict=True) if v == max(values)]
+    return next((s for s in ties if run_threshold is not None and abs(s.threshold - run_threshold) < 1e-9), ties[0])
 
 
 # -- objects --------------------------------------------------------------------------------------
@@ -518,7 +521,7 @@ def evaluate(run_dir: Path | str, config: EvaluateConfig) -> EvaluationResult:
     """
     run_dir = Path(run_dir)
     run = _load_run(run_dir)
-    out_dir = config.output or run_dir / "evaluation"
+    out_dir = config.output or run_dir / EVALUATION
     targets = [out_dir / name for name in REPORT_FILES]
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir}: exists and is not a directory; choose another -o")
@@ -628,8 +631,9 @@ def compute(run: RunInputs, config: EvaluateConfig) -> EvaluationResult:
             pred = polygons.geometry.values[(polygons["prompt"] == prompt).to_numpy()] if len(polygons) else []
             objects = match_objects(objects_in_area(np.asarray(prompt_geoms[prompt], dtype=object), area),
                                     objects_in_area(np.asarray(pred, dtype=object), area))
-        results.append(PromptResult(prompt, tuple(classes), hist.at_run_threshold(), best_threshold(curve, "f1"),
-                                    best_threshold(curve, "iou"), truth_pixels[prompt], hist.nodata,
+        at_run = hist.at_run_threshold()
+        results.append(PromptResult(prompt, tuple(classes), at_run, best_threshold(curve, "f1", at_run.threshold),
+                                    best_threshold(curve, "iou", at_run.threshold), truth_pixels[prompt], hist.nodata,
                                     hist.truth_in_nodata, curve, hist, objects))
     for prompt, n in truth_pixels.items():
         if n == 0:

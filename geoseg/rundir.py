@@ -46,7 +46,9 @@ CLASSES_FILES = (CLASSES, CLASSES + ".aux.xml", "classes.qml", "classes.vrt")
 #: Suffix of a chunk's class-map part in ``parts/``.
 CLASS_PART = ".classes.tif"
 #: Names geoseg owns inside a run directory; --overwrite removes only these.
-OWNED = (MANIFEST, PROBABILITIES, PARTS, *POLYGONS.values(), PROBABILITIES_VRT, *CLASSES_FILES)
+#: ``geoseg evaluate``'s default report directory: it describes this run's data, so it goes with it.
+EVALUATION = "evaluation"
+OWNED = (MANIFEST, PROBABILITIES, PARTS, *POLYGONS.values(), PROBABILITIES_VRT, *CLASSES_FILES, EVALUATION)
 
 
 def polygons_name(vector_format: str) -> str:
@@ -264,7 +266,12 @@ def fingerprint(config: SegmentConfig, info: RasterInfo, plan: Any = None) -> st
         st = os.stat(config.input)
         stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     prompting = plan.fingerprint_fields() if plan is not None else {}
-    blob = json.dumps({**config.pixel_options(), **stat, **prompting, "grid": [info.width, info.height],
+    options = config.pixel_options()
+    # the same job typed from another directory is still the same job
+    options["input"] = _input_paths(config.input, config.output)[0]
+    if os.path.isdir(config.model):
+        options["model"] = os.path.abspath(config.model)
+    blob = json.dumps({**options, **stat, **prompting, "grid": [info.width, info.height],
                        "model_files": _model_files(config.model)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -328,6 +328,9 @@ def test_best_threshold_is_one_that_vectorize_accepts():
     assert curve[0].f1 == 30 / 31
     best = best_threshold(curve, "f1")
     assert (best.threshold, best.f1) == (0.001, 0.5)
+    # every t in 0.001..0.6 ties at F1 0.5: a tie is no reason to move the run's own threshold
+    assert best_threshold(curve, "f1", 0.5).threshold == 0.5
+    assert best_threshold(curve, "f1", 0.75).threshold == 0.001  # not among the ties
 
 
 def test_object_scores_from_the_run_polygons(run_dir, tmp_path):

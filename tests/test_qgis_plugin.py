@@ -150,9 +150,11 @@ print("Traceback noise", file=sys.stderr)
 print("geoseg: error: in.tif: not a raster GDAL can open", file=sys.stderr)
 sys.exit(1)
 """)
+    shown = []
     with pytest.raises(runner.GeosegRunError) as exc:
-        runner.run_geoseg(exe, ["segment"])
+        runner.run_geoseg(exe, ["segment"], on_output=shown.append)
     assert str(exc.value) == "in.tif: not a raster GDAL can open"
+    assert shown == ["Traceback noise"], "the error line is raised, not also logged"
     exe2 = _fake_geoseg(tmp_path, 'print(json.dumps({"event": "error", "message": "from the event"})); sys.exit(1)')
     with pytest.raises(runner.GeosegRunError, match="^from the event$"):
         runner.run_geoseg(exe2, [])
@@ -529,3 +531,11 @@ def test_evaluate_and_train_call_the_cli(report):
                      "CIDAS/clipseg-rd64-refined", "--steps", "3", "--device", "auto"]
     assert call["features"] == t["labels_total"] > 5  # the whole layer: nothing selected-only here
     assert tr["results"]["MODEL_DIR"] == str(work / "trained")
+
+
+@pytest.mark.parametrize("t", [0.5, 0.7, 0.3, 0.35, 1e-3, 0.999])
+def test_transparent_range_ends_just_below_what_geoseg_keeps(t):
+    """QGIS hides [0, float32_below(t)]: exactly the float32 values geoseg's `p >= t` (float64 t) drops."""
+    top = runner.float32_below(t)
+    assert np.float32(top) == top and np.float64(np.float32(top)) < t
+    assert np.float64(np.nextafter(np.float32(top), np.float32(2))) >= t

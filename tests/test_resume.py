@@ -54,3 +54,19 @@ def test_weights_changed_in_place_are_another_job(tmp_path, inproc_client, tiny_
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # retrained in place
     with pytest.raises(geoseg.OutputExistsError):
         geoseg.segment(cfg, client=inproc_client)
+
+
+def test_same_job_typed_from_another_directory_resumes(tmp_path, inproc_client, perpixel, monkeypatch):
+    """The fingerprint hashes the absolute input: `segment a.tif -o out` in d/, then
+    `segment d/a.tif -o d/out` from its parent is the same job and resumes."""
+    work = tmp_path / "d"
+    work.mkdir()
+    write(work / "in.tif", scene(300, 300, seed=7))
+    monkeypatch.chdir(work)
+    first = geoseg.segment(geoseg.SegmentConfig("in.tif", ("red roof",), "out"), client=inproc_client,
+                           segmenter_factory=perpixel)
+    monkeypatch.chdir(tmp_path)
+    again = geoseg.segment(geoseg.SegmentConfig("d/in.tif", ("red roof",), "d/out"), client=inproc_client,
+                           segmenter_factory=perpixel)
+    assert again.chunks_skipped == first.chunks_run == 1 and again.chunks_run == 0
+    assert again.manifest.fingerprint == first.manifest.fingerprint

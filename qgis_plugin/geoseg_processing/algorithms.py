@@ -155,7 +155,7 @@ class SegmentAlgorithm(GeosegAlgorithm):
                                                        defaultValue=DEFAULT_MODEL))
         self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Threshold (probability 0–1)",
                                                        QgsProcessingParameterNumber.Double, DEFAULT_THRESHOLD,
-                                                       minValue=0.0, maxValue=1.0))
+                                                       minValue=0.001, maxValue=0.999))  # geoseg: open (0, 1)
         self.addParameter(QgsProcessingParameterNumber(self.RESOLUTION, "Resolution (pixel size in layer units; "
                                                        "empty or 0: native)", QgsProcessingParameterNumber.Double,
                                                        None, optional=True, minValue=0.0))
@@ -237,7 +237,7 @@ class VectorizeAlgorithm(GeosegAlgorithm):
                                                      behavior=QgsProcessingParameterFile.Folder))
         self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Threshold (probability 0–1)",
                                                        QgsProcessingParameterNumber.Double, DEFAULT_THRESHOLD,
-                                                       minValue=0.0, maxValue=1.0))
+                                                       minValue=0.001, maxValue=0.999))  # geoseg: open (0, 1)
         self.addParameter(QgsProcessingParameterNumber(self.MIN_AREA, "Minimum polygon area (m²)",
                                                        QgsProcessingParameterNumber.Double, 0.0, minValue=0.0))
         self.addParameter(_advanced(QgsProcessingParameterNumber(

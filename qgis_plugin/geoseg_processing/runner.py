@@ -19,6 +19,7 @@ import queue
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -250,7 +251,9 @@ def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | No
             event = _event(line) if name == "stdout" else None
             if event is None:
                 if line.strip():
-                    on_output(line)
+                    # geoseg's one error line becomes the raised exception: shown once, not twice
+                    if not (name == "stderr" and line.startswith("geoseg: error: ")):
+                        on_output(line)
                     if name == "stdout":
                         stdout_text.append(line)
                     if name == "stderr":
@@ -311,3 +314,20 @@ if __name__ == "__main__":  # a manual check: python runner.py geoseg segment ..
     res = run_geoseg(sys.argv[1], sys.argv[2:], on_progress=lambda d, t: print(f"{d}/{t}"),
                      on_log=lambda lv, m: print(lv, m), on_output=print)
     print(res)
+
+
+def float32_below(value: float) -> float:
+    """The largest float32 ``p`` with ``p < value``: the top of the range QGIS must make transparent.
+
+    geoseg compares float32 probabilities with a float64 threshold (``prob >= t``), so a pixel is in
+    a polygon exactly when ``p >= t``; QGIS' transparency ranges include both ends, so
+    ``[0, float32_below(t)]`` hides exactly the pixels below the threshold. Where float32(t) < t
+    (e.g. t = 0.7) float32(t) itself is below t and is the answer.
+    """
+    if value <= 0:
+        return -1.0  # nothing is below 0: an empty range
+    f = struct.unpack("<f", struct.pack("<f", value))[0]
+    if f < value:
+        return f
+    bits = struct.unpack("<I", struct.pack("<f", f))[0]
+    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import struct
 from typing import ClassVar
 
 from qgis.core import (
@@ -23,21 +22,10 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
+from .runner import float32_below
+
 #: (value, colour) stops of the probability ramp (matplotlib's viridis at 0, ¼, ½, ¾, 1).
 RAMP_STOPS = ((0.0, "#440154"), (0.25, "#3b528b"), (0.5, "#21918c"), (0.75, "#5ec962"), (1.0, "#fde725"))
-
-
-def float32_below(value: float) -> float:
-    """The largest float32 strictly below float32(``value``).
-
-    geoseg's probabilities are float32 and a pixel counts when ``prob >= threshold`` in float32,
-    so making ``[0, float32_below(t)]`` transparent hides exactly the pixels below the threshold
-    (QGIS' transparency ranges are inclusive at both ends).
-    """
-    bits = struct.unpack("<I", struct.pack("<f", value))[0]
-    if value <= 0:
-        return -1.0  # nothing is below 0: an empty range
-    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
 
 
 def probability_renderer(layer: QgsRasterLayer, threshold: float, band: int = 1) -> QgsSingleBandPseudoColorRenderer:
