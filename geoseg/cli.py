@@ -247,7 +247,7 @@ def evaluate(run_dir, truth, class_field, classes, prompt, aoi, output, overwrit
                             output=output, overwrite=overwrite, objects=not no_objects)
     report = run(run_dir, config)
     text = report.table() + "\n\n" + "\n".join(str(p) for p in report.files)
-    result(text, command="evaluate", run_dir=run_dir, files=[str(p) for p in report.files], text=report.table())
+    result(text, command="evaluate", run_dir=run_dir, files=[str(p) for p in report.files], table=report.table())
 
 
 @main.command()

@@ -82,3 +82,30 @@ def test_cli_vectorize_jsonl_result(tmp_path, inproc_client, perpixel):
     gdf = gpd.read_file(result["polygons"], layer=result["layer"])
     assert result["command"] == "vectorize" and result["features"] == len(gdf) > 0
     assert result["thresholds"] == [0.3] and set(gdf["threshold"].round(6)) == {0.3}
+
+
+def test_cli_evaluate_result_event(tmp_path, inproc_client):
+    """In jsonl mode evaluate's table travels in its result event; stdout holds JSON lines only."""
+    import rasterio
+    from click.testing import CliRunner
+    from shapely.geometry import box
+
+    from geoseg.cli import main
+
+    from .models import PerPixelFactory
+
+    src = write(tmp_path / "in.tif", scene(200, 200, seed=3))
+    geoseg.segment(geoseg.SegmentConfig(str(src), ("red roof",), tmp_path / "run"), client=inproc_client,
+                   segmenter_factory=PerPixelFactory(weights=((1.0, 0.0, -0.5),), bias=(0.3,)))
+    with rasterio.open(src) as ds:
+        left, bottom, right, top = ds.bounds
+        crs = ds.crs
+    truth = tmp_path / "truth.gpkg"
+    gpd.GeoDataFrame(geometry=[box(left, bottom, (left + right) / 2, top)], crs=crs).to_file(truth)
+    out = CliRunner().invoke(main, ["--progress", "jsonl", "evaluate", str(tmp_path / "run"), "--truth", str(truth),
+                                    "--prompt", "red roof", "--no-objects"])
+    assert out.exit_code == 0, out.output
+    events = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    (res,) = [e for e in events if e["event"] == "result"]
+    assert res["command"] == "evaluate" and "red roof" in res["table"]
+    assert [Path(f).name for f in res["files"]] == ["evaluation.json", "evaluation.txt", "pr_curve.png"]

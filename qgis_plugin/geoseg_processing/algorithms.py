@@ -306,7 +306,7 @@ class EvaluateAlgorithm(GeosegAlgorithm):
                              prompt=self.parameterAsString(parameters, self.PROMPT, context),
                              output=output, overwrite=True)
         result = self.run_cli(args, feedback, text_result=True)
-        return {self.OUTPUT: output, "REPORT": result.get("text") or json.dumps(result)}
+        return {self.OUTPUT: output, "REPORT": result.get("table") or result.get("text") or json.dumps(result)}
 
 
 class TrainAlgorithm(GeosegAlgorithm):
