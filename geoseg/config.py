@@ -118,6 +118,8 @@ class SegmentConfig:
     retries: int = 2
     overwrite: bool = False
     vector: VectorizeConfig = field(default_factory=VectorizeConfig)
+    #: False: probabilities only (``--no-polygons``); ``geoseg vectorize`` can make polygons later.
+    polygons: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "input", str(self.input))

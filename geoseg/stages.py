@@ -22,9 +22,10 @@ import numpy as np
 from .atomic import write_json_atomic
 from .blend import accumulate, new_accumulators, normalise
 from .model import SegmenterFactory, cached_segmenter
-from .pieces import polygonize_chunk, write_pieces
+from .pieces import polygonize_chunk
 from .raster import RasterInfo, bounded_gdal_cache, open_input, read_window, to_model_rgb, write_part
 from .rundir import part_path
+from .streaming import VectorJob, write_chunk_polygons
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
 
 
@@ -42,6 +43,8 @@ class ChunkJob:
     run_dir: str
     fingerprint: str
     factory: SegmenterFactory
+    #: How to make the chunk's polygons; None: probabilities only (``--no-polygons``).
+    vector: VectorJob | None = None
 
     def path(self, suffix: str) -> Path:
         return part_path(self.run_dir, self.region.name, suffix)
@@ -144,19 +147,24 @@ def blend_tiles(tiles: ChunkTiles, probs: np.ndarray, region: Region, info: Rast
 
 
 def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) -> ChunkResult:
-    """CPU stage: blend, write the probability part, polygonize the chunk's own region, and write
-    the done-record last (its presence is what makes the chunk count as finished)."""
+    """CPU stage: blend, write the probability part, polygonize the chunk's own region (its final
+    polygons and its seam pieces, :func:`geoseg.streaming.write_chunk_polygons`), and write the
+    done-record last (its presence is what makes the chunk count as finished)."""
     start = time.perf_counter()
     region = job.region
     probs = blend_tiles(tiles, inference.probs, region, job.info, job.tile_size, job.stride)
     with bounded_gdal_cache():
         write_part(job.path(".tif"), probs, job.info, region, job.prompts)
     own_valid = tiles.valid[region.slices(within=tiles.window)]
-    pieces = polygonize_chunk(probs, own_valid, region.row, region.col, job.thresholds)
-    write_pieces(job.path(".pieces"), pieces)
+    n_pieces = 0
+    if job.vector is not None:
+        pieces = polygonize_chunk(probs, own_valid, region.row, region.col, job.thresholds)
+        write_chunk_polygons(job.run_dir, region.name, pieces, region, job.vector)
+        n_pieces = len(pieces)
     seconds = tiles.seconds + inference.seconds + time.perf_counter() - start
     result = ChunkResult(name=region.name, region=region, tiles=tiles.touching, model_tiles=len(tiles.tiles),
-                         pieces=len(pieces), seconds=round(seconds, 3), worker=inference.worker,
+                         pieces=n_pieces, seconds=round(seconds, 3), worker=inference.worker,
                          model_revision=inference.model_revision)
-    write_json_atomic(job.path(".json"), {"fingerprint": job.fingerprint, **asdict(result)})
+    vector_key = job.vector.key() if job.vector is not None else None
+    write_json_atomic(job.path(".json"), {"fingerprint": job.fingerprint, "vector_key": vector_key, **asdict(result)})
     return result
