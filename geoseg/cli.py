@@ -134,26 +134,29 @@ def main(verbose, debug):
               help="Start afresh: replace geoseg's files in the output directory (a previous run, of this job "
                    "or another, is not resumed); other files there are kept.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--no-polygons", "no_polygons", is_flag=True,
+              help="Probabilities only (threshold in QGIS, or run `geoseg vectorize` on the run later).")
 @vector_options
 @handle_errors
-def segment(input, quiet, **kw):
+def segment(input, quiet, no_polygons, **kw):
     """Segment INPUT (any GDAL raster) by text prompts into a probability COG and polygons."""
     from .pipeline import segment as run
 
     vector = _vector_config(kw)
-    config = SegmentConfig(input=input, vector=vector, **kw)
+    config = SegmentConfig(input=input, vector=vector, polygons=not no_polygons, **kw)
     click.echo(run(config, progress=not quiet).summary())
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @vector_options
 @handle_errors
-def vectorize(run_dir, **kw):
+def vectorize(run_dir, quiet, **kw):
     """Re-threshold and re-vectorize RUN_DIR from its stored probabilities (no model run)."""
     from .pipeline import vectorize as run
 
-    path, n = run(run_dir, _vector_config(kw))
+    path, n = run(run_dir, _vector_config(kw), progress=not quiet)
     click.echo(f"{path} ({n} polygons)")
 
 
