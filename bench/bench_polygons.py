@@ -20,7 +20,7 @@ Columns: polygons, wall s, polygons/s, peak RSS MiB (sum over the tree), and ``g
 Usage::
 
     python bench/bench_polygons.py                       # 4096,8192,16384
-    python bench/bench_polygons.py --sizes 4096,8192 --gdal-max 8192
+    python bench/bench_polygons.py --sizes 2048,4096 --chunk-size 1024   # what fits a busy 2-core box
 """
 
 from __future__ import annotations
@@ -84,18 +84,19 @@ def write_mask(cog: Path, mask: Path, threshold: float = 0.5) -> Path:
 
 # -- children (each runs in a fresh process) -------------------------------------------------------
 
-def child_segment(size: int) -> dict:
+def child_segment(size: int, chunk: int) -> dict:
     import geoseg
     from geoseg.config import SegmentConfig
     from tests.models import PerPixelFactory
 
     src = make_speckle(OUT / f"speckle_{size}.tif", size)
-    cfg = SegmentConfig(input=str(src), prompts=("speckle",), output=OUT / f"run_{size}", overwrite=True)
+    cfg = SegmentConfig(input=str(src), prompts=("speckle",), output=OUT / f"run_{size}", overwrite=True,
+                        chunk_size=chunk)
     res = geoseg.segment(cfg, segmenter_factory=PerPixelFactory())
     return {"features": res.features}
 
 
-def child_vectorize(size: int) -> dict:
+def child_vectorize(size: int, chunk: int) -> dict:
     from geoseg.config import VectorizeConfig
     from geoseg.pipeline import vectorize
 
@@ -139,13 +140,14 @@ def gdal_features(gpkg: Path) -> int:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="4096,8192,16384")
+    ap.add_argument("--chunk-size", type=int, default=4096, help="geoseg --chunk-size (default: geoseg's)")
     ap.add_argument("--gdal-max", type=int, default=16384, help="skip the GDAL anchor above this size")
     ap.add_argument("--child", choices=["segment", "vectorize"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         fn = child_segment if args.child == "segment" else child_vectorize
-        print(json.dumps(fn(args.size)))
+        print(json.dumps(fn(args.size, args.chunk_size)))
         return
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -154,7 +156,8 @@ def main(argv=None) -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         make_speckle(OUT / f"speckle_{size}.tif", size)
         for step in ("segment", "vectorize"):
-            wall, rss, out = measure([sys.executable, __file__, "--child", step, "--size", str(size)], env)
+            wall, rss, out = measure([sys.executable, __file__, "--child", step, "--size", str(size),
+                                      "--chunk-size", str(args.chunk_size)], env)
             n = json.loads(out.strip().splitlines()[-1])["features"]
             rows.append((size, step, n, wall, rss))
             print(f"{size}² {step}: {n} polygons, {wall:.1f} s, {n / wall:,.0f}/s, peak RSS {rss:,.0f} MiB",

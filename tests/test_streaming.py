@@ -14,7 +14,6 @@ import shapely
 from affine import Affine
 
 from geoseg.pieces import merge_seams, polygonize_chunk
-from geoseg.polygons import finalize
 from geoseg.streaming import (FINAL_SUFFIX, SEAM_SUFFIX, PolygonOutput, VectorJob, part_seams, part_tables,
                               write_chunk_polygons)
 from geoseg.tiling import Region
