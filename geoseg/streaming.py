@@ -114,7 +114,7 @@ def touches_seam(pieces: Pieces, region: Region, height: int, width: int) -> np.
             | ((b[:, 3] == region.row_stop) & (region.row_stop < height)))
 
 
-def _take(pieces: Pieces, sel: np.ndarray) -> Pieces:
+def _take(pieces: Pieces, sel: np.ndarray | slice) -> Pieces:
     return Pieces(pieces.prompt_index[sel], pieces.geometry[sel], pieces.n_px[sel], pieces.sum_p[sel],
                   pieces.max_p[sel])
 
