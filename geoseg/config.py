@@ -80,7 +80,8 @@ class VectorizeConfig:
     vector_format: str = "gpkg"
 
     def __post_init__(self):
-        object.__setattr__(self, "threshold", check_thresholds(_as_tuple(self.threshold, float) or (DEFAULT_THRESHOLD,)))
+        threshold = _as_tuple(self.threshold, float) or (DEFAULT_THRESHOLD,)
+        object.__setattr__(self, "threshold", check_thresholds(threshold))
         for name in ("min_area", "fill_holes", "simplify"):
             object.__setattr__(self, name, check_nonneg(name, getattr(self, name)))
         if self.vector_format not in ("gpkg", "parquet"):
@@ -144,7 +145,7 @@ class SegmentConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         self.vector.thresholds_for(len(self.prompts))
 
-    def replace(self, **changes) -> "SegmentConfig":
+    def replace(self, **changes) -> SegmentConfig:
         return dataclasses.replace(self, **changes)
 
     def pixel_options(self) -> dict:

@@ -36,7 +36,8 @@ from .atomic import atomic_target
 from .config import check_thresholds
 from .errors import ConfigError
 
-__all__ = ["Pieces", "polygonize_chunk", "write_pieces", "read_pieces", "merge_seams", "components", "prompt_thresholds"]
+__all__ = ["Pieces", "polygonize_chunk", "write_pieces", "read_pieces", "merge_seams", "components",
+           "prompt_thresholds"]
 
 _FORMAT_VERSION = 1
 
@@ -85,13 +86,13 @@ class Pieces:
         return len(self.prompt_index)
 
     @classmethod
-    def empty(cls) -> "Pieces":
+    def empty(cls) -> Pieces:
         """A Pieces with no rows (a chunk with nothing above threshold)."""
         return cls(np.empty(0, np.int32), np.empty(0, object), np.empty(0, np.int64),
                    np.empty(0, np.float64), np.empty(0, np.float32))
 
     @classmethod
-    def concat(cls, items: Iterable["Pieces"]) -> "Pieces":
+    def concat(cls, items: Iterable[Pieces]) -> Pieces:
         """Stack several Pieces (e.g. every chunk's) into one, keeping order."""
         items = [p for p in items if p is not None]
         if not items:
@@ -119,7 +120,7 @@ class Pieces:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: Any) -> "Pieces":
+    def from_arrays(cls, arrays: Any) -> Pieces:
         """Inverse of :meth:`to_arrays` (accepts a dict or an ``np.load`` result)."""
         version = int(arrays["version"])
         if version != _FORMAT_VERSION:
@@ -302,7 +303,7 @@ def write_pieces(path: str | os.PathLike, pieces: Pieces) -> None:
     cannot execute code when read back.
     """
     with atomic_target(Path(path)) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **pieces.to_arrays())
+        np.savez(fh, allow_pickle=False, **pieces.to_arrays())
 
 
 def read_pieces(path: str | os.PathLike) -> Pieces:
@@ -333,12 +334,14 @@ def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def _seam_segments(geoms: np.ndarray, regions: np.ndarray):
+def _seam_segments(geoms: np.ndarray, regions: np.ndarray) -> tuple[np.ndarray, ...]:
     """Exterior-ring segments of each polygon that lie on its own chunk's border.
 
     Only exterior rings can touch a chunk border (a hole is enclosed by piece pixels inside the
-    chunk). Returns ``(owner, vertical, line, lo, hi)`` arrays: the segment lies on the line
-    ``x = line`` (vertical) or ``y = line`` and spans ``[lo, hi]`` along it.
+    chunk). Returns seven parallel arrays ``(owner, vertical, line, lo, hi, a, b)``, one row per
+    segment: ``owner`` indexes ``geoms``; the segment lies on the line ``x = line`` (``vertical``) or
+    ``y = line`` and spans ``[lo, hi]`` along it; ``a`` and ``b`` are its end points, (n, 2) each
+    (for the STRtree of segments).
     """
     rings = shapely.get_exterior_ring(geoms)
     coords, idx = shapely.get_coordinates(rings, return_index=True)

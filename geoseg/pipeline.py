@@ -23,8 +23,18 @@ from .atomic import write_json_atomic
 from .model import SegmenterFactory, clipseg_factory
 from .pieces import polygonize_chunk
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
-from .rundir import (PARTS, PROBABILITIES, PROBABILITIES_VRT, RunManifest, fingerprint, load_finished_run, now,
-                     part_path, polygons_name, prepare_run_dir)
+from .rundir import (
+    PARTS,
+    PROBABILITIES,
+    PROBABILITIES_VRT,
+    RunManifest,
+    fingerprint,
+    load_finished_run,
+    now,
+    part_path,
+    polygons_name,
+    prepare_run_dir,
+)
 from .scheduling import ChunkSubmitter, dask_client
 from .stages import ChunkJob, ChunkResult, plan_chunks
 from .streaming import (FINAL_SUFFIX, SEAM_SUFFIX, PolygonOutput, SeamSource, TableSource, VectorJob, finalized_tables,

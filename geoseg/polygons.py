@@ -86,7 +86,8 @@ class _Measure:
         """Area (m², or CRS units² when not measurable) and perimeter (m, or CRS units)."""
         if self.kind in ("geodesic", "projected"):
             if self.kind == "projected":
-                g = shapely.transform(geoms, lambda xy: np.column_stack(self.to_geographic.transform(xy[:, 0], xy[:, 1])))
+                to_geo = self.to_geographic
+                g = shapely.transform(geoms, lambda xy: np.column_stack(to_geo.transform(xy[:, 0], xy[:, 1])))
             else:
                 g = geoms if self.factor == 1.0 else shapely.transform(geoms, lambda xy: xy * self.factor)
             return self._ellipsoidal(g)
@@ -111,7 +112,10 @@ class _Measure:
         first = np.searchsorted(owner, owner)  # index of each vertex's polygon's first vertex
         xy[:, 0] = xy[first, 0] + (xy[:, 0] - xy[first, 0] + 180.0) % 360.0 - 180.0
         lonlat = shapely.set_coordinates(lonlat.copy(), xy)
-        cea = pyproj.Proj(proj="cea", lon_0=0, a=self.geod.a, b=self.geod.b, over=True)
+        geod = self.geod
+        if geod is None:
+            raise RuntimeError("internal error: ellipsoidal measure without an ellipsoid")
+        cea = pyproj.Proj(proj="cea", lon_0=0, a=geod.a, b=geod.b, over=True)
         flat = np.column_stack(cea(xy[:, 0], xy[:, 1]))
         flat -= flat[first]  # each polygon about its own first vertex: no precision lost to 1e6 m offsets
         area = shapely.area(shapely.set_coordinates(lonlat.copy(), flat))
@@ -119,7 +123,7 @@ class _Measure:
         rings, ring_part = shapely.get_rings(parts, return_index=True)
         pts, ring_of = shapely.get_coordinates(rings, return_index=True)
         edge = ring_of[:-1] == ring_of[1:]
-        _, _, length = self.geod.inv(pts[:-1, 0][edge], pts[:-1, 1][edge], pts[1:, 0][edge], pts[1:, 1][edge])
+        _, _, length = geod.inv(pts[:-1, 0][edge], pts[:-1, 1][edge], pts[1:, 0][edge], pts[1:, 1][edge])
         perimeter = np.bincount(part_of[ring_part[ring_of[:-1][edge]]], weights=length, minlength=len(lonlat))
         return area, perimeter
 

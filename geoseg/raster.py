@@ -11,9 +11,9 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -28,8 +28,15 @@ from rasterio.windows import Window
 from .atomic import atomic_target
 from .config import GDAL_CACHEMAX_MB
 from .crs import horizontal_crs
-from .errors import (ConfigError, GeoreferencingError, MissingCRSError, RasterOpenError, RasterReadError,
-                     UnsupportedDataError, first_line)
+from .errors import (
+    ConfigError,
+    GeoreferencingError,
+    MissingCRSError,
+    RasterOpenError,
+    RasterReadError,
+    UnsupportedDataError,
+    first_line,
+)
 from .tiling import Region
 
 log = logging.getLogger(__name__)
@@ -191,7 +198,7 @@ def select_bands(src, path: str, bands: Sequence[int]) -> tuple[tuple[int, ...],
     names = [(d or "").strip().lower() for d in src.descriptions]
     by_name = [next((i + 1 for i, n in enumerate(names) if n in alias), None) for alias in _RGB_NAMES]
     if all(by_name):
-        return tuple(by_name), False
+        return tuple(i for i in by_name if i is not None), False
     usable = [i + 1 for i, c in enumerate(ci) if c != ColorInterp.alpha]
     if not usable:
         raise UnsupportedDataError(f"{path}: no band other than alpha to segment")

@@ -100,7 +100,7 @@ class RasterRecord:
     @classmethod
     def of(cls, info: RasterInfo) -> RasterRecord:
         return cls(info.width, info.height, info.crs_wkt, tuple(info.transform)[:6], tuple(info.bands),
-                   tuple(tuple(s) for s in info.stretch), info.resampled)
+                   tuple((float(lo), float(hi)) for lo, hi in info.stretch), info.resampled)
 
     def to_json(self) -> dict[str, Any]:
         return {"width": self.width, "height": self.height, "crs": self.crs, "transform": list(self.transform),
@@ -108,9 +108,9 @@ class RasterRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RasterRecord:
+        stretch = tuple((float(lo), float(hi)) for lo, hi in data.get("stretch") or ())
         return cls(int(data["width"]), int(data["height"]), data.get("crs"), tuple(data.get("transform") or ()),
-                   tuple(data.get("bands") or ()), tuple(tuple(s) for s in data.get("stretch") or ()),
-                   bool(data.get("resampled", False)))
+                   tuple(data.get("bands") or ()), stretch, bool(data.get("resampled", False)))
 
 
 @dataclass
@@ -261,7 +261,8 @@ def prepare_run_dir(run_dir: Path, fp: str, overwrite: bool) -> set[str]:
         if not overwrite:
             what = ("holds a geoseg run with different input or options" if previous
                     else "exists and is not a geoseg run directory")
-            raise OutputExistsError(f"{run_dir}: {what}; use another -o, or --overwrite to replace geoseg's files there")
+            raise OutputExistsError(f"{run_dir}: {what}; use another -o, or --overwrite to replace geoseg's "
+                                    "files there")
         for name in OWNED:
             target = run_dir / name
             if target.is_dir():

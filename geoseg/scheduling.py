@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import (ChunkFailedError, GeosegError, ModelOutOfMemoryError, RasterReadError, first_line)
+from .errors import ChunkFailedError, GeosegError, ModelOutOfMemoryError, RasterReadError, first_line
 from .model import encode_prompts
 from .stages import ChunkJob, ChunkResult, finish_chunk, infer_chunk, read_chunk
 
@@ -242,9 +242,3 @@ class ChunkSubmitter:
         if isinstance(outcome, ChunkError):
             raise outcome.error
         return outcome
-
-
-def submit_chunks(client: Any, jobs: Sequence[ChunkJob], max_in_flight: int | None, retries: int,
-                  progress: bool) -> Iterator[ChunkResult]:
-    """Shorthand for ``ChunkSubmitter(client, max_in_flight, retries).run(jobs, progress)``."""
-    return ChunkSubmitter(client, max_in_flight, retries).run(jobs, progress)

@@ -70,6 +70,14 @@ def plan_chunks(info: RasterInfo, chunk_size: int) -> list[Region]:
     return chunk_regions(info.height, info.width, aligned_chunk(chunk_size, bh), aligned_chunk(chunk_size, bw))
 
 
+def in_window(tile: Region, window: Region) -> Region:
+    """The part of ``tile`` inside ``window``; the halo window holds every touching tile's in-raster part."""
+    inside = tile.intersection(window)
+    if inside is None:
+        raise RuntimeError(f"internal error: tile {tile} lies outside the halo window {window}")
+    return inside
+
+
 @dataclass(frozen=True)
 class ChunkTiles:
     """Output of the read stage: the chunk's model input. Stays in worker memory between tasks.
@@ -91,7 +99,7 @@ class ChunkTiles:
             batch = self.tiles[i:i + batch_size]
             out = np.zeros((len(batch), 3, batch[0].height, batch[0].width), np.float32)
             for k, t in enumerate(batch):
-                inside = t.intersection(self.window)
+                inside = in_window(t, self.window)
                 src = (slice(None), *inside.slices(within=self.window))
                 rgb, _ = to_model_rgb(self.data[src], self.valid[src[1:]], info)
                 out[(k, slice(None), *inside.slices(within=t))] = rgb
@@ -119,7 +127,7 @@ def read_chunk(job: ChunkJob) -> ChunkTiles:
     window = halo(touching, info.height, info.width)
     with bounded_gdal_cache(), open_input(info) as src:
         data, valid = read_window(src, info, window)
-    tiles = tuple(t for t in touching if valid[t.intersection(window).slices(within=window)].any())
+    tiles = tuple(t for t in touching if valid[in_window(t, window).slices(within=window)].any())
     return ChunkTiles(tiles, window, data, valid, len(touching), time.perf_counter() - start)
 
 

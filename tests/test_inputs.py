@@ -25,9 +25,26 @@ from geoseg.raster import inspect_raster, open_input, read_rgb
 from geoseg.tiling import Region
 
 from .models import PerPixelSegmenter
-from .rasters import (BLUE, COMPRESSIONS, RED, REFUSE_CASES, SEGMENT_CASES, UTM33, Case, check_refused,
-                      check_segmented, corrupt_tile, env_without_proxies, make_antimeridian_utm, make_compressed,
-                      make_truncated, no_output, read_polygons, scene, write)
+from .rasters import (
+    BLUE,
+    COMPRESSIONS,
+    RED,
+    REFUSE_CASES,
+    SEGMENT_CASES,
+    UTM33,
+    Case,
+    check_refused,
+    check_segmented,
+    corrupt_tile,
+    env_without_proxies,
+    make_antimeridian_utm,
+    make_compressed,
+    make_truncated,
+    no_output,
+    read_polygons,
+    scene,
+    write,
+)
 
 PROMPTS = ("red roof", "blue pool")
 CHUNK = 352

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ def resolved_revision(model: str, revision: str | None) -> str | None:
     try:
         from transformers.utils.hub import resolve_revision
 
-        return resolve_revision(model, revision).resolved or revision
+        resolved = resolve_revision(model, revision)  # a str subclass carrying the commit as .resolved
+        return getattr(resolved, "resolved", None) or revision
     except Exception:  # best effort: a manifest detail must never fail a run
         return revision
 
@@ -79,13 +80,14 @@ class ClipSegSegmenter:
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, revision: str | None = None,
-             device: str = "auto") -> "ClipSegSegmenter":
+             device: str = "auto") -> ClipSegSegmenter:
         """Load weights and processor with ``from_pretrained`` (hub id, HF cache or local dir)."""
         transformers.utils.logging.disable_progress_bar()  # geoseg shows its own progress
         try:
-            net = CLIPSegForImageSegmentation.from_pretrained(model, revision=revision)
-            processor = CLIPSegProcessor.from_pretrained(model, revision=revision)
-        except (OSError, ValueError, EnvironmentError) as exc:
+            pinned = revision or "main"  # transformers' own default
+            net = CLIPSegForImageSegmentation.from_pretrained(model, revision=pinned)
+            processor = CLIPSegProcessor.from_pretrained(model, revision=pinned)
+        except (OSError, ValueError) as exc:
             raise ModelLoadError(_hub_hint(model)) from exc
         commit = resolved_revision(model, revision)
         log.info("loaded %s (revision %s, transformers %s)", model, commit, transformers.__version__)
