@@ -27,9 +27,9 @@ import shapely
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geoseg.polygons import _Measure  # noqa: E402
-
 import math  # noqa: E402
+
+from geoseg.polygons import _Measure  # noqa: E402
 
 FACTOR_MAX_ERROR = 2e-7
 _FACTOR_GRID = 33

@@ -166,7 +166,8 @@ def main(argv=None) -> None:
             mask = write_mask(OUT / f"run_{size}" / "probabilities.tif", OUT / f"mask_{size}.tif")
             gpkg = OUT / f"gdal_{size}.gpkg"
             gpkg.unlink(missing_ok=True)
-            wall, rss, _ = measure(["gdal_polygonize.py", "-q", str(mask), "-of", "GPKG", str(gpkg)])  # 4-connected by default
+            # 4-connected by default, as geoseg
+            wall, rss, _ = measure(["gdal_polygonize.py", "-q", str(mask), "-of", "GPKG", str(gpkg)])
             n = gdal_features(gpkg)
             rows.append((size, "gdal", n, wall, rss))
             print(f"{size}² gdal_polygonize.py: {n} polygons, {wall:.1f} s, {n / wall:,.0f}/s, "

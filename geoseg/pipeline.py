@@ -8,6 +8,7 @@ stages :mod:`geoseg.stages`, running them on Dask :mod:`geoseg.scheduling`, poly
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -18,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import SegmentConfig, VectorizeConfig
 from .atomic import write_json_atomic
+from .config import SegmentConfig, VectorizeConfig
 from .model import SegmenterFactory, clipseg_factory
-from .pieces import polygonize_chunk
+from .pieces import Pieces, polygonize_chunk
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
 from .rundir import (
     PARTS,
@@ -37,8 +38,20 @@ from .rundir import (
 )
 from .scheduling import ChunkSubmitter, dask_client
 from .stages import ChunkJob, ChunkResult, plan_chunks
-from .streaming import (FINAL_SUFFIX, SEAM_SUFFIX, PolygonOutput, SeamSource, TableSource, VectorJob, finalized_tables,
-                        part_seams, part_tables, split_final, ticking, write_chunk_polygons)
+from .streaming import (
+    FINAL_SUFFIX,
+    SEAM_SUFFIX,
+    PolygonOutput,
+    SeamSource,
+    TableSource,
+    VectorJob,
+    finalized_tables,
+    part_seams,
+    part_tables,
+    split_final,
+    ticking,
+    write_chunk_polygons,
+)
 from .tiling import Region
 
 log = logging.getLogger(__name__)
@@ -199,6 +212,10 @@ def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: Raste
     return out
 
 
+def _given(pieces: Pieces) -> Pieces:
+    return pieces
+
+
 def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = False) -> tuple[Path, int]:
     """Re-threshold and re-vectorize a finished run from its probability COG; no model run.
 
@@ -225,7 +242,7 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = Fal
                 pieces = polygonize_chunk(probs, np.isfinite(probs).all(axis=0), r.row, r.col, thresholds)
                 final, deferred = split_final(pieces, r, vjob)
                 del pieces
-                out.add(r.name, lambda f=final: finalized_tables(f, vjob), lambda d=deferred: d)
+                out.add(r.name, functools.partial(finalized_tables, final, vjob), functools.partial(_given, deferred))
             features = out.finish()
     if features == 0:
         log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, path)

@@ -14,8 +14,15 @@ import shapely
 from affine import Affine
 
 from geoseg.pieces import merge_seams, polygonize_chunk
-from geoseg.streaming import (FINAL_SUFFIX, SEAM_SUFFIX, PolygonOutput, VectorJob, part_seams, part_tables,
-                              write_chunk_polygons)
+from geoseg.streaming import (
+    FINAL_SUFFIX,
+    SEAM_SUFFIX,
+    PolygonOutput,
+    VectorJob,
+    part_seams,
+    part_tables,
+    write_chunk_polygons,
+)
 from geoseg.tiling import Region
 
 SIZE = 240
