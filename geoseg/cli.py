@@ -161,31 +161,34 @@ def main(verbose, debug, progress_mode):
               help="Also write classes.tif, an exclusive class map (argmax over the prompts, 0 = none below the "
                    "winner's threshold, 255 = nodata); the polygons are then its classes (no overlaps).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--no-polygons", "no_polygons", is_flag=True,
+              help="Probabilities only (threshold in QGIS, or run `geoseg vectorize` on the run later).")
 @vector_options
 @handle_errors
-def segment(input, quiet, **kw):
+def segment(input, quiet, no_polygons, **kw):
     """Segment INPUT (any GDAL raster) by text prompts into a probability COG and polygons."""
     from .pipeline import segment as run
 
     vector = _vector_config(kw)
-    config = SegmentConfig(input=input, vector=vector, **kw)
+    config = SegmentConfig(input=input, vector=vector, polygons=not no_polygons, **kw)
     res = run(config, progress=not quiet)
     result(res.summary(), command="segment", run_dir=res.run_dir, probabilities=res.probabilities,
-           polygons=res.polygons, layer="segments" if res.polygons.suffix == ".gpkg" else None,
+           polygons=res.polygons, layer="segments" if res.polygons and res.polygons.suffix == ".gpkg" else None,
            features=res.features, chunks_run=res.chunks_run, chunks_resumed=res.chunks_skipped,
            prompts=list(config.prompts), thresholds=list(vector.thresholds_for(len(config.prompts))))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @vector_options
 @handle_errors
-def vectorize(run_dir, **kw):
+def vectorize(run_dir, quiet, **kw):
     """Re-threshold and re-vectorize RUN_DIR from its stored probabilities (no model run)."""
     from .pipeline import vectorize as run
 
     vector = _vector_config(kw)
-    path, n = run(run_dir, vector)
+    path, n = run(run_dir, vector, progress=not quiet)
     result(f"{path} ({n} polygons)", command="vectorize", run_dir=run_dir, polygons=path,
            layer="segments" if path.suffix == ".gpkg" else None, features=n, thresholds=list(vector.threshold))
 

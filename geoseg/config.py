@@ -132,6 +132,8 @@ class SegmentConfig:
     exemplar_weight: float = 0.5
     #: Also write the exclusive class map ``classes.tif``; the polygons are then its classes (no overlaps)
     classes: bool = False
+    #: False: probabilities only (``--no-polygons``); ``geoseg vectorize`` can make polygons later.
+    polygons: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "input", str(self.input))

@@ -16,6 +16,7 @@ which pickles (for Dask) and saves (for resume) as a few contiguous buffers.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -200,12 +201,44 @@ def _shapes_to_polygons(shapes: list[dict]) -> np.ndarray:
         for ring in rings:
             ring_lens.append(len(ring))
             flat.extend(ring)
-    coords = np.array(flat, dtype=np.float64).reshape(-1, 2)
+    # fromiter over the flattened (x, y) tuples: 2-3x faster than np.array on a list of tuples
+    coords = np.fromiter(itertools.chain.from_iterable(flat), dtype=np.float64, count=2 * len(flat)).reshape(-1, 2)
     ring_off = np.zeros(len(ring_lens) + 1, np.int64)
     np.cumsum(ring_lens, out=ring_off[1:])
     geom_off = np.zeros(len(n_rings) + 1, np.int64)
     np.cumsum(n_rings, out=geom_off[1:])
     return shapely.from_ragged_array(GeometryType.POLYGON, coords, (ring_off, geom_off))
+
+
+#: GeoJSON shapes turned into shapely at a time: the dicts cost ~1 KB per polygon, the shapely
+#: polygons a fraction of that, so a 1 M-polygon chunk never holds all its shapes as dicts.
+_SHAPES_BATCH = 50_000
+
+
+def _label_polygons(labels: np.ndarray, mask: np.ndarray, transform: Affine, n: int) -> np.ndarray:
+    """Polygon ``i - 1`` of the 4-connected component labelled ``i``, for ``i`` in 1..n."""
+    geoms = np.empty(n, dtype=object)
+    seen = 0
+    batch: list[dict] = []
+    values: list[float] = []
+
+    def flush() -> None:
+        geoms[np.asarray(values, dtype=np.int64) - 1] = _shapes_to_polygons(batch)
+        batch.clear()
+        values.clear()
+
+    for geom, value in _features.shapes(labels, mask=mask, connectivity=4, transform=transform):
+        batch.append(geom)
+        values.append(value)
+        seen += 1
+        if len(batch) == _SHAPES_BATCH:
+            flush()
+    if batch:
+        flush()
+    # a 4-connected component is exactly one polygon (holes included)
+    if seen != n or any(g is None for g in geoms):
+        raise RuntimeError(f"internal error: {seen} polygons for {n} components")
+    return geoms
 
 
 def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off: int,
@@ -247,11 +280,7 @@ def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
         if not mask.any():
             continue
         labels, n = ndimage.label(mask, structure=_FOUR_CONNECTED)
-        shapes = sorted(_features.shapes(labels, mask=mask, connectivity=4, transform=transform),
-                        key=lambda gv: gv[1])
-        if len(shapes) != n:  # a 4-connected component is exactly one polygon (holes included)
-            raise RuntimeError(f"internal error: {len(shapes)} polygons for {n} components")
-        geoms = _shapes_to_polygons([g for g, _ in shapes])
+        geoms = _label_polygons(labels, mask, transform, n)
         lab, vals = labels[mask], prob[mask]
         n_px = np.bincount(lab, minlength=n + 1)[1:]
         sum_p = np.bincount(lab, weights=vals.astype(np.float64), minlength=n + 1)[1:]

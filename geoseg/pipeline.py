@@ -7,6 +7,9 @@ stages :mod:`geoseg.stages`, running them on Dask :mod:`geoseg.scheduling`, poly
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,13 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .classes import class_map, exclusive, write_class_part, write_classes
 from .config import SegmentConfig, VectorizeConfig
-from .export import write_vector
 from .model import SegmenterFactory, clipseg_factory
 from .modelcard import read_model_card
-from .pieces import Pieces, merge_seams, polygonize_chunk, read_pieces
-from .polygons import finalize
+from .pieces import Pieces, polygonize_chunk
 from .prompts import PromptPlan, build_plan, embeddings_sha256
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
 from .rundir import (
@@ -40,6 +42,20 @@ from .rundir import (
 )
 from .scheduling import ChunkSubmitter, dask_client
 from .stages import ChunkJob, ChunkResult, plan_chunks
+from .streaming import (
+    FINAL_SUFFIX,
+    SEAM_SUFFIX,
+    PolygonOutput,
+    SeamSource,
+    TableSource,
+    VectorJob,
+    finalized_tables,
+    part_seams,
+    part_tables,
+    split_final,
+    ticking,
+    write_chunk_polygons,
+)
 from .tiling import Region
 
 log = logging.getLogger(__name__)
@@ -51,7 +67,7 @@ class RunResult:
 
     run_dir: Path
     probabilities: Path
-    polygons: Path
+    polygons: Path | None  # None: --no-polygons
     chunks_run: int
     chunks_skipped: int
     model_tiles: int
@@ -59,8 +75,18 @@ class RunResult:
     manifest: RunManifest | None = field(repr=False, default=None)
 
     def summary(self) -> str:
-        return (f"{self.probabilities}\n{self.polygons} ({self.features} polygons)\n"
+        polygons = f"{self.polygons} ({self.features} polygons)\n" if self.polygons is not None else ""
+        return (f"{self.probabilities}\n{polygons}"
                 f"chunks run: {self.chunks_run}, resumed: {self.chunks_skipped}")
+
+
+def vector_job(vector: VectorizeConfig, prompts: Sequence[str], transform: Any, crs_wkt: str | None,
+               height: int, width: int, exclusive: bool = False) -> VectorJob:
+    """The picklable recipe chunk tasks and the client share to turn pieces into output rows."""
+    return VectorJob(tuple(prompts), vector.thresholds_for(len(prompts)), tuple(transform)[:6], crs_wkt or None,
+                     int(height), int(width), min_area=vector.min_area, fill_holes=vector.fill_holes,
+                     simplify=vector.simplify, dst_crs=vector.dst_crs, vector_format=vector.vector_format,
+                     exclusive=exclusive)
 
 
 def segment(config: SegmentConfig, client: Any = None, segmenter_factory: SegmenterFactory | None = None,
@@ -70,6 +96,10 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     ``client``: an existing ``distributed.Client`` (else ``config.scheduler`` or a LocalCluster).
     ``segmenter_factory``: picklable zero-argument callable building the model on each worker;
     default CLIPSeg from ``config.model``.
+
+    Polygons stream: each chunk task finalizes its polygons that touch no seam; the client appends
+    them to the output in chunk order as chunks finish, and merges and appends the seam polygons at
+    the end (:mod:`geoseg.streaming`). ``config.polygons=False`` writes probabilities only.
     """
     info = inspect_raster(config.input, config.bands, config.crs, config.resolution)
     thresholds = config.vector.thresholds_for(len(config.prompts))
@@ -83,27 +113,38 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     manifest = RunManifest.new(config, info, fp, regions, prompting=plan.describe())
     manifest.prompting["exemplars_sha256"] = plan.exemplars_sha256()
     manifest.save(run_dir)
+    vjob = (vector_job(config.vector, config.prompts, info.transform, info.crs_wkt, info.height, info.width,
+                       exclusive=config.classes) if config.polygons else None)
 
     # A raster without one valid pixel needs no chunk task: all-nodata COG, empty layer.
     worked = [] if info.all_masked else regions
     jobs = [ChunkJob(r, info, config.prompts, thresholds, config.tile_size, config.stride,
-                     config.batch_size, str(run_dir), fp, factory, plan.applies, config.classes)
+                     config.batch_size, str(run_dir), fp, factory, plan.applies, config.classes, vjob)
             for r in worked if r.name not in done]
     for name in done:
         manifest.chunks[name].status = "done (resumed)"
+    vec_path = run_dir / polygons_name(config.vector.vector_format) if vjob is not None else None
+    features = None
     try:
-        results = _run_jobs(jobs, config, client, progress, manifest, plan)
-        revisions = sorted({r.model_revision for r in results if r.model_revision})
-        if revisions:
-            manifest.model_revision = revisions[0] if len(revisions) == 1 else revisions
-        probs_path = assemble_probabilities(run_dir, worked, info, config.prompts)
-        outputs = {"probabilities": probs_path.name}
-        if config.classes:
-            outputs["classes"] = write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in worked],
-                                               info, config.prompts).name
-        pieces = [read_pieces(part_path(run_dir, r.name, ".pieces")) for r in worked]
-        vec_path, features = write_polygons(run_dir, pieces, worked, info.transform, info.crs,
-                                            config.prompts, config.vector, exclusive=config.classes)
+        with contextlib.ExitStack() as stack:
+            out = None
+            if vjob is not None and vec_path is not None:
+                out = stack.enter_context(PolygonOutput(vec_path, worked, vjob, progress))
+                for r in worked:
+                    if r.name in done:
+                        ensure_chunk_polygons(run_dir, r, vjob, info)
+                        out.add(r.name, *chunk_sources(run_dir, r.name))
+            results = _run_jobs(jobs, config, client, progress, manifest, plan, out)
+            revisions = sorted({r.model_revision for r in results if r.model_revision})
+            if revisions:
+                manifest.model_revision = revisions[0] if len(revisions) == 1 else revisions
+            probs_path = assemble_probabilities(run_dir, worked, info, config.prompts, progress)
+            outputs = {"probabilities": probs_path.name}
+            if config.classes:
+                outputs["classes"] = write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in worked],
+                                                   info, config.prompts).name
+            if out is not None:
+                features = out.finish()
     except BaseException as exc:
         manifest.status, manifest.finished, manifest.error = "failed", now(), f"{type(exc).__name__}: {exc}"
         manifest.save(run_dir)
@@ -115,14 +156,48 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     elif features == 0:
         log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, vec_path)
     manifest.status, manifest.finished, manifest.features = "complete", now(), features
-    manifest.outputs = {**outputs, "polygons": vec_path.name}
+    manifest.outputs = outputs
+    if vec_path is not None:
+        manifest.outputs["polygons"] = vec_path.name
     manifest.save(run_dir)
     return RunResult(run_dir, probs_path, vec_path, len(results), len(done),
-                     sum(r.model_tiles for r in results), features, manifest)
+                     sum(r.model_tiles for r in results), features or 0, manifest)
+
+
+def chunk_sources(run_dir: Path, name: str) -> tuple[TableSource, SeamSource]:
+    """Where a finished chunk's final rows and seam pieces are read from."""
+    return (part_tables(part_path(run_dir, name, FINAL_SUFFIX)), part_seams(part_path(run_dir, name, SEAM_SUFFIX)))
+
+
+def ensure_chunk_polygons(run_dir: Path, region: Region, vjob: VectorJob, info: RasterInfo) -> None:
+    """A chunk a previous run finished: remake its polygon parts from its probability part when
+    they were made with other vector options (or not at all, ``--no-polygons``), or are missing.
+    With a class map (``vjob.exclusive``) its part is remade too: it follows the thresholds."""
+    record = part_path(run_dir, region.name, ".json")
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if (json.loads(record.read_text()).get("vector_key") == vjob.key()
+                and part_path(run_dir, region.name, FINAL_SUFFIX).exists()
+                and part_path(run_dir, region.name, SEAM_SUFFIX).exists()):
+            return
+    import rasterio
+
+    with bounded_gdal_cache(), rasterio.open(part_path(run_dir, region.name, ".tif")) as src:
+        probs = src.read()
+    valid = np.isfinite(probs).all(axis=0)
+    if vjob.exclusive:
+        labels = class_map(probs, valid, vjob.thresholds)
+        with bounded_gdal_cache():
+            write_class_part(part_path(run_dir, region.name, CLASS_PART), labels, info, region)
+        probs = exclusive(probs, labels)
+    pieces = polygonize_chunk(probs, valid, region.row, region.col, vjob.thresholds)
+    write_chunk_polygons(run_dir, region.name, pieces, region, vjob)
+    data = json.loads(record.read_text())
+    data["vector_key"] = vjob.key()
+    write_json_atomic(record, data)
 
 
 def _run_jobs(jobs: Sequence[ChunkJob], config: SegmentConfig, client: Any, progress: bool,
-              manifest: RunManifest, plan: PromptPlan) -> list[ChunkResult]:
+              manifest: RunManifest, plan: PromptPlan, out: PolygonOutput | None) -> list[ChunkResult]:
     results: list[ChunkResult] = []
     if not jobs:
         return results
@@ -137,6 +212,8 @@ def _run_jobs(jobs: Sequence[ChunkJob], config: SegmentConfig, client: Any, prog
             chunk = manifest.chunks[res.name]
             chunk.status, chunk.tiles, chunk.model_tiles = "done", res.tiles, res.model_tiles
             chunk.seconds, chunk.worker = res.seconds, res.worker
+            if out is not None:
+                out.add(res.name, *chunk_sources(Path(config.output), res.name))
     return results
 
 
@@ -151,30 +228,20 @@ def _embedding_record(plan: PromptPlan, embeddings: Any, seconds: float) -> dict
 
 
 def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: RasterInfo,
-                           prompts: Sequence[str]) -> Path:
-    """VRT of the chunk parts → COG with overviews (atomic)."""
+                           prompts: Sequence[str], progress: bool = False) -> Path:
+    """VRT of the chunk parts → COG with overviews (atomic), with a ticking progress line."""
     vrt = run_dir / PROBABILITIES_VRT
     write_vrt(vrt, [(r, f"{PARTS}/{r.name}.tif") for r in regions], info, prompts)
     out = run_dir / PROBABILITIES
-    with bounded_gdal_cache():
+    stem = Path(PROBABILITIES).stem
+
+    def written() -> int:
+        return sum(p.stat().st_size for p in run_dir.glob(f".{stem}.tmp-*") if p.exists())
+
+    with bounded_gdal_cache(), ticking("probabilities COG", progress, written):
         write_cog(vrt, out)
     vrt.unlink()
     return out
-
-
-def write_polygons(run_dir: Path, pieces: list[Pieces], regions: Sequence[Region], transform: Any, crs: Any,
-                   prompts: Sequence[str], vector: VectorizeConfig, exclusive: bool = False) -> tuple[Path, int]:
-    """Merge the chunks' pieces across seams, clean up, and write the vector file once.
-
-    ``exclusive``: the pieces are a class map's (no overlaps between prompts), kept one coverage."""
-    merged = merge_seams(pieces, [(r.row, r.col, r.height, r.width) for r in regions])
-    thresholds = vector.thresholds_for(len(prompts))
-    gdf = finalize(merged, transform, crs, prompts, thresholds, min_area=vector.min_area,
-                   fill_holes=vector.fill_holes, simplify=vector.simplify, dst_crs=vector.dst_crs,
-                   exclusive=exclusive)
-    path = run_dir / polygons_name(vector.vector_format)
-    write_vector(gdf, path, vector.vector_format, prompts=prompts)
-    return path, len(gdf)
 
 
 class _GridInfo:
@@ -188,12 +255,16 @@ class _GridInfo:
         self.region_transform = lambda r: self.transform @ Affine.translation(r.col, r.row)
 
 
-def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
+def _given(pieces: Pieces) -> Pieces:
+    return pieces
+
+
+def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = False) -> tuple[Path, int]:
     """Re-threshold and re-vectorize a finished run from its probability COG; no model run.
 
-    Reads the COG chunk by chunk on the run's own chunk grid (memory bounded by one chunk) and uses
-    the same polygonize / seam-merge / finalize stages as ``segment``, so the result equals a fresh
-    ``segment`` run at the new threshold.
+    Reads the COG chunk by chunk on the run's own chunk grid (memory bounded by one chunk) and
+    streams the polygons exactly as ``segment`` does (same stages, same row order), so the result
+    equals a fresh ``segment`` run at the new threshold.
     """
     import rasterio
 
@@ -203,20 +274,27 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
     thresholds = vector.thresholds_for(len(prompts))
     regions = manifest.regions()
     classes = bool(manifest.options.get("classes"))
-    pieces = []
+    path = run_dir / polygons_name(vector.vector_format)
     with bounded_gdal_cache(), rasterio.open(run_dir / PROBABILITIES) as src:
-        transform, crs = src.transform, src.crs
-        for r in regions:
-            probs = src.read(window=((r.row, r.row_stop), (r.col, r.col_stop)))
-            valid = np.isfinite(probs).all(axis=0)
-            if classes:  # the class map follows the new thresholds too
-                labels = class_map(probs, valid, thresholds)
-                write_class_part(part_path(run_dir, r.name, CLASS_PART), labels, _GridInfo(src), r)
-                probs = exclusive(probs, labels)
-            pieces.append(polygonize_chunk(probs, valid, r.row, r.col, thresholds))
+        vjob = vector_job(vector, prompts, src.transform, src.crs.to_wkt() if src.crs else None,
+                          src.height, src.width, exclusive=classes)
+        with PolygonOutput(path, regions, vjob, progress) as out:
+            from tqdm.auto import tqdm
+
+            for r in tqdm(regions, unit="chunk", desc="vectorize", disable=not progress):
+                probs = src.read(window=((r.row, r.row_stop), (r.col, r.col_stop)))
+                valid = np.isfinite(probs).all(axis=0)
+                if classes:  # the class map follows the new thresholds too
+                    labels = class_map(probs, valid, thresholds)
+                    write_class_part(part_path(run_dir, r.name, CLASS_PART), labels, _GridInfo(src), r)
+                    probs = exclusive(probs, labels)
+                pieces = polygonize_chunk(probs, valid, r.row, r.col, thresholds)
+                final, deferred = split_final(pieces, r, vjob)
+                del pieces
+                out.add(r.name, functools.partial(finalized_tables, final, vjob), functools.partial(_given, deferred))
+            features = out.finish()
         if classes:
             write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in regions], _GridInfo(src), prompts)
-    path, features = write_polygons(run_dir, pieces, regions, transform, crs, prompts, vector, exclusive=classes)
     if features == 0:
         log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, path)
     manifest.vectorize_runs.append({"at": now(), **asdict(vector), "features": features})

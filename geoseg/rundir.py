@@ -7,7 +7,10 @@ nowhere else)::
     probabilities.tif    the probability COG (one band per prompt)
     polygons.gpkg        the polygons (or polygons.parquet)
     classes.tif          with --classes: the exclusive class map (+ classes.tif.aux.xml, classes.qml)
-    parts/               per-chunk probability parts, pieces and done-records (what resume reads)
+    parts/               per chunk: <chunk>.tif probabilities, <chunk>.polygons.parquet its final
+                         polygons (finalized rows of the pieces that touch no seam), <chunk>.seam its
+                         seam-touching pixel pieces, <chunk>.json the done-record (written last;
+                         ``vector_key`` says which vector options the polygon parts were made with)
 
 The manifest records the input both as an absolute path and relative to the run directory, so later
 commands (``vectorize``, ``preview``) work from any working directory and after the input and the
@@ -57,7 +60,8 @@ def polygons_name(vector_format: str) -> str:
 
 
 def part_path(run_dir: Path | str, chunk: str, suffix: str) -> Path:
-    """A chunk's file in ``parts/``: ``.tif`` probabilities, ``.pieces`` polygons, ``.json`` done-record."""
+    """A chunk's file in ``parts/``: ``.tif`` probabilities, ``.polygons.parquet`` final polygons,
+    ``.seam`` seam pieces, ``.json`` done-record."""
     return Path(run_dir) / PARTS / f"{chunk}{suffix}"
 
 

@@ -23,10 +23,11 @@ from .atomic import write_json_atomic
 from .blend import accumulate, new_accumulators, normalise
 from .classes import class_map, exclusive, write_class_part
 from .model import SegmenterFactory, cached_segmenter
-from .pieces import polygonize_chunk, write_pieces
+from .pieces import polygonize_chunk
 from .prompts import apply_negatives
 from .raster import RasterInfo, bounded_gdal_cache, open_input, read_window, to_model_rgb, write_part
 from .rundir import CLASS_PART, part_path
+from .streaming import VectorJob, write_chunk_polygons
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
 
 
@@ -48,6 +49,8 @@ class ChunkJob:
     negatives: tuple[tuple[int, ...], ...] = ()
     #: Also write the chunk's exclusive class map, and polygonize the classes instead of each prompt.
     classes: bool = False
+    #: How to make the chunk's polygons; None: probabilities only (``--no-polygons``).
+    vector: VectorJob | None = None
 
     def path(self, suffix: str) -> Path:
         return part_path(self.run_dir, self.region.name, suffix)
@@ -160,8 +163,9 @@ def blend_tiles(tiles: ChunkTiles, probs: np.ndarray, region: Region, info: Rast
 
 
 def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) -> ChunkResult:
-    """CPU stage: blend, write the probability part, polygonize the chunk's own region, and write
-    the done-record last (its presence is what makes the chunk count as finished)."""
+    """CPU stage: blend, write the probability part, polygonize the chunk's own region (its final
+    polygons and its seam pieces, :func:`geoseg.streaming.write_chunk_polygons`), and write the
+    done-record last (its presence is what makes the chunk count as finished)."""
     start = time.perf_counter()
     region = job.region
     probs = blend_tiles(tiles, inference.probs, region, job.info, job.tile_size, job.stride)
@@ -173,11 +177,15 @@ def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) ->
         with bounded_gdal_cache():
             write_class_part(job.path(CLASS_PART), labels, job.info, region)
         probs = exclusive(probs, labels)
-    pieces = polygonize_chunk(probs, own_valid, region.row, region.col, job.thresholds)
-    write_pieces(job.path(".pieces"), pieces)
+    n_pieces = 0
+    if job.vector is not None:
+        pieces = polygonize_chunk(probs, own_valid, region.row, region.col, job.thresholds)
+        write_chunk_polygons(job.run_dir, region.name, pieces, region, job.vector)
+        n_pieces = len(pieces)
     seconds = tiles.seconds + inference.seconds + time.perf_counter() - start
     result = ChunkResult(name=region.name, region=region, tiles=tiles.touching, model_tiles=len(tiles.tiles),
-                         pieces=len(pieces), seconds=round(seconds, 3), worker=inference.worker,
+                         pieces=n_pieces, seconds=round(seconds, 3), worker=inference.worker,
                          model_revision=inference.model_revision)
-    write_json_atomic(job.path(".json"), {"fingerprint": job.fingerprint, **asdict(result)})
+    vector_key = job.vector.key() if job.vector is not None else None
+    write_json_atomic(job.path(".json"), {"fingerprint": job.fingerprint, "vector_key": vector_key, **asdict(result)})
     return result

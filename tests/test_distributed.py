@@ -218,3 +218,37 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path, raster):
         with pytest.raises(geoseg.GeosegError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
             geoseg.segment(config(raster, tmp_path / "run", scheduler="tcp://127.0.0.1:9"),
                            segmenter_factory=PerPixelFactory(WEIGHTS, BIAS))
+
+
+def test_client_killed_mid_streaming_write_resumes_without_lost_or_doubled_polygons(tmp_path, inproc_client):
+    """The client is killed while its polygon file is open and chunks are being appended to it;
+    the resumed run deletes the half-written temp file, rebuilds the output from the chunk parts,
+    and has exactly the features of an undisturbed run with another chunk size."""
+    src = write(tmp_path / "in.tif", scene(1056, 1056, seed=12))
+    ref = geoseg.segment(config(src, tmp_path / "ref", chunk_size=512), client=inproc_client,
+                         segmenter_factory=PerPixelFactory(WEIGHTS, BIAS))  # 3 x 3 chunks of another size
+    out = tmp_path / "run"
+    proc = _segment_process(src, out, delay=0.4)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((out / "parts").glob("*.json"))) < 3 or not list(out.glob(".polygons.tmp-*.gpkg")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    time.sleep(1.0)
+    assert list(out.glob(".polygons.tmp-*.gpkg")), "killed in the middle of the streaming write"
+    assert not (out / "polygons.gpkg").exists()
+
+    again = _segment_process(src, out, delay=0.0)
+    _, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stderr
+    assert not list(out.glob(".polygons.tmp-*")), "the killed writer's temp file is gone"
+    result = geoseg.segment(config(src, out, chunk_size=352), client=inproc_client,
+                            segmenter_factory=PerPixelFactory(WEIGHTS, BIAS))
+    assert (result.chunks_run, result.chunks_skipped) == (0, 9)
+    assert result.features == ref.features
+    assert_same(result, ref)

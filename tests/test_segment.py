@@ -171,3 +171,33 @@ def test_resolution_reads_a_coarser_grid(tmp_path, inproc_client, perpixel):
     # is <= gain/4 · Σ|w_k| = 4.5, so |Δp| <= 0.018 < 0.02 (a modelling bound, not float noise)
     assert np.abs(got - ref).max() < 0.02
     assert json.loads((result.run_dir / "manifest.json").read_text())["raster"]["resampled"] is True
+
+
+def _features(path):
+    import geopandas as gpd
+
+    gdf = gpd.read_file(path, layer="segments")
+    return list(gdf.geometry.to_wkb()), gdf.drop(columns="geometry").values.tolist()
+
+
+def test_no_polygons_then_vectorize_or_resume_gives_the_segment_polygons(tmp_path, inproc_client, perpixel):
+    """--no-polygons writes probabilities only; `vectorize` later, or a resumed `segment` with
+    polygons (which remakes the chunks' polygon parts from their probability parts), writes the
+    same rows in the same order as a run that made polygons from the start."""
+    src = write(tmp_path / "in.tif", scene(700, 900, seed=5))
+    full = run(tmp_path, src, inproc_client, perpixel, name="full", chunk_size=352)
+    bare = run(tmp_path, src, inproc_client, perpixel, name="bare", chunk_size=352, polygons=False)
+    assert bare.polygons is None and bare.features == 0
+    assert not list((tmp_path / "bare").glob("polygons.*"))
+    manifest = json.loads((tmp_path / "bare" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "polygons" not in manifest["outputs"]
+    assert np.array_equal(read_probs(bare), read_probs(full), equal_nan=True)
+
+    path, n = geoseg.vectorize(tmp_path / "bare", geoseg.VectorizeConfig())
+    assert n == full.features > 0
+    assert _features(path) == _features(full.polygons)
+
+    path.unlink()
+    resumed = run(tmp_path, src, inproc_client, perpixel, name="bare", chunk_size=352)
+    assert resumed.chunks_run == 0 and resumed.features == full.features
+    assert _features(resumed.polygons) == _features(full.polygons)

@@ -1,0 +1,192 @@
+"""Benchmark polygons at speckle density: throughput, peak RSS of the process tree, and GDAL as anchor.
+
+For each size (default 4096², 8192², 16384²) one run of this script, each step in a fresh child
+process whose whole process tree (the Dask worker processes included) is polled with psutil every
+0.1 s for its summed RSS:
+
+* ``segment``    -- ``geoseg.segment`` end to end (LocalCluster, one worker, default chunk size) on an
+                    RGB speckle raster with a deterministic per-pixel test model
+                    (``tests/models.py: PerPixelFactory``: p = sigmoid(12 (red - 0.5)), red uniform
+                    noise), threshold 0.5: about 1 M polygons per 4096², like the tiny random
+                    CLIPSeg, without spending the run in a network;
+* ``vectorize``  -- ``geoseg vectorize`` of that run at threshold 0.5 (re-reads the COG);
+* ``gdal``       -- ``gdal_polygonize.py`` (Debian GDAL, /usr/bin/python3) of the same mask
+                    (``probabilities >= 0.5`` written as a uint8 GeoTIFF with nodata 0) to
+                    GeoPackage, 4-connected: geometry only, no attributes.
+
+Columns: polygons, wall s, polygons/s, peak RSS MiB (sum over the tree), and ``gdal / vectorize``
+(how many times faster geoseg vectorize writes a GeoPackage than gdal_polygonize.py).
+
+Usage::
+
+    python bench/bench_polygons.py                       # 4096,8192,16384
+    python bench/bench_polygons.py --sizes 2048,4096 --chunk-size 1024   # what fits a busy 2-core box
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out" / "polygons"
+BLOCK = 512
+
+
+def make_speckle(path: Path, size: int, seed: int = 0) -> Path:
+    """RGB uint8 GeoTIFF, red = uniform noise, tiled and DEFLATE, written strip by strip."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from tests.rasters import NORTH_UP, UTM33
+
+    if path.exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs=UTM33,
+                   transform=NORTH_UP, tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
+                   photometric="RGB", BIGTIFF="IF_SAFER")
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for row in range(0, size, BLOCK):
+            h = min(BLOCK, size - row)
+            rng = np.random.default_rng([seed, row])
+            img = np.zeros((3, h, size), np.uint8)
+            img[0] = rng.integers(0, 256, (h, size), dtype=np.uint8)
+            img[1] = 128
+            dst.write(img, window=Window(0, row, size, h))
+    os.replace(tmp, path)
+    return path
+
+
+def write_mask(cog: Path, mask: Path, threshold: float = 0.5) -> Path:
+    """``band 1 >= threshold`` as uint8 (1 = object, 0 = nodata), block by block."""
+    import rasterio
+
+    with rasterio.open(cog) as src:
+        profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8", crs=src.crs,
+                       transform=src.transform, tiled=True, blockxsize=BLOCK, blockysize=BLOCK,
+                       compress="deflate", nodata=0, BIGTIFF="IF_SAFER")
+        with rasterio.open(mask, "w", **profile) as dst:
+            for _, win in dst.block_windows(1):
+                p = src.read(1, window=win)
+                dst.write((p >= threshold).astype(np.uint8), 1, window=win)
+    return mask
+
+
+# -- children (each runs in a fresh process) -------------------------------------------------------
+
+def child_segment(size: int, chunk: int) -> dict:
+    import geoseg
+    from geoseg.config import SegmentConfig
+    from tests.models import PerPixelFactory
+
+    src = make_speckle(OUT / f"speckle_{size}.tif", size)
+    cfg = SegmentConfig(input=str(src), prompts=("speckle",), output=OUT / f"run_{size}", overwrite=True,
+                        chunk_size=chunk)
+    res = geoseg.segment(cfg, segmenter_factory=PerPixelFactory())
+    return {"features": res.features}
+
+
+def child_vectorize(size: int, chunk: int) -> dict:
+    from geoseg.config import VectorizeConfig
+    from geoseg.pipeline import vectorize
+
+    _, n = vectorize(OUT / f"run_{size}", VectorizeConfig(threshold=0.5))
+    return {"features": n}
+
+
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """(wall s, peak summed RSS MiB of the process tree, stdout) of ``cmd``."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        peak = max(peak, total)
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{err[-3000:]}")
+    return wall, peak / 2**20, out
+
+
+def gdal_features(gpkg: Path) -> int:
+    import pyogrio
+
+    return int(pyogrio.read_info(gpkg)["features"])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="4096,8192,16384")
+    ap.add_argument("--chunk-size", type=int, default=4096, help="geoseg --chunk-size (default: geoseg's)")
+    ap.add_argument("--gdal-max", type=int, default=16384, help="skip the GDAL anchor above this size")
+    ap.add_argument("--child", choices=["segment", "vectorize"], help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        fn = child_segment if args.child == "segment" else child_vectorize
+        print(json.dumps(fn(args.size, args.chunk_size)))
+        return
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        make_speckle(OUT / f"speckle_{size}.tif", size)
+        for step in ("segment", "vectorize"):
+            wall, rss, out = measure([sys.executable, __file__, "--child", step, "--size", str(size),
+                                      "--chunk-size", str(args.chunk_size)], env)
+            n = json.loads(out.strip().splitlines()[-1])["features"]
+            rows.append((size, step, n, wall, rss))
+            print(f"{size}² {step}: {n} polygons, {wall:.1f} s, {n / wall:,.0f}/s, peak RSS {rss:,.0f} MiB",
+                  flush=True)
+        if size <= args.gdal_max and shutil.which("gdal_polygonize.py"):
+            mask = write_mask(OUT / f"run_{size}" / "probabilities.tif", OUT / f"mask_{size}.tif")
+            gpkg = OUT / f"gdal_{size}.gpkg"
+            gpkg.unlink(missing_ok=True)
+            # 4-connected by default, as geoseg
+            wall, rss, _ = measure(["gdal_polygonize.py", "-q", str(mask), "-of", "GPKG", str(gpkg)])
+            n = gdal_features(gpkg)
+            rows.append((size, "gdal", n, wall, rss))
+            print(f"{size}² gdal_polygonize.py: {n} polygons, {wall:.1f} s, {n / wall:,.0f}/s, "
+                  f"peak RSS {rss:,.0f} MiB", flush=True)
+
+    print("\n| size | step | polygons | wall s | polygons/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for size, step, n, wall, rss in rows:
+        print(f"| {size}² | {step} | {n:,} | {wall:.1f} | {n / wall:,.0f} | {rss:,.0f} |")
+    by = {(s, k): (n, w, r) for s, k, n, w, r in rows}
+    sizes = sorted({s for s, *_ in rows})
+    for size in sizes:
+        if (size, "gdal") in by and (size, "vectorize") in by:
+            print(f"{size}²: vectorize is {by[size, 'gdal'][1] / by[size, 'vectorize'][1]:.2f}x as fast as "
+                  "gdal_polygonize.py to GeoPackage")
+    for step in ("segment", "vectorize"):
+        if (sizes[0], step) in by and (sizes[-1], step) in by and len(sizes) > 1:
+            print(f"{step}: peak RSS {sizes[-1]}² / {sizes[0]}² = {by[sizes[-1], step][2] / by[sizes[0], step][2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

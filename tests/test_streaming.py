@@ -1,0 +1,163 @@
+"""Streaming polygons (geoseg.streaming): the file streamed chunk by chunk has exactly the features of
+the old all-at-once path (merge every chunk's pieces, finalize once, write once), for any chunk
+size, several prompts and many seam-crossing objects; rows come in a deterministic order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+from affine import Affine
+
+from geoseg.pieces import merge_seams, polygonize_chunk
+from geoseg.streaming import (
+    FINAL_SUFFIX,
+    SEAM_SUFFIX,
+    PolygonOutput,
+    VectorJob,
+    part_seams,
+    part_tables,
+    write_chunk_polygons,
+)
+from geoseg.tiling import Region
+
+SIZE = 240
+PROMPTS = ("a", "b", "c")
+THRESHOLDS = (0.5, 0.5, 0.6)
+TRANSFORM = Affine(0.5, 0, 500000, 0, -0.5, 4500000)
+CRS = "EPSG:32633"
+
+
+def blobs(seed: int = 3) -> np.ndarray:
+    """(3, SIZE, SIZE) probabilities: discs, rings (holes with islands inside), bars and speckle,
+    placed at random so that many of them cross any chunk border; the prompts overlap."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    probs = rng.random((3, SIZE, SIZE), dtype=np.float32) * 0.3  # background below every threshold
+    for p in range(3):
+        for _ in range(60):
+            cy, cx, r = rng.integers(0, SIZE), rng.integers(0, SIZE), rng.integers(2, 18)
+            d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+            kind = rng.integers(0, 3)
+            if kind == 0:
+                inside = d2 <= r * r
+            elif kind == 1:  # ring with an island of the same prompt in its hole
+                inside = ((d2 <= r * r) & (d2 >= (r // 2) ** 2)) | (d2 <= 1)
+            else:
+                inside = (np.abs(yy - cy) <= 1) & (np.abs(xx - cx) <= 3 * r)
+            probs[p][inside] = 0.65 + 0.3 * rng.random(int(inside.sum()), dtype=np.float32)
+        speckle = rng.random((SIZE, SIZE)) < 0.03
+        probs[p][speckle] = 0.9
+    return probs
+
+
+def regions_of(chunk: int) -> list[Region]:
+    return [Region(r, c, min(chunk, SIZE - r), min(chunk, SIZE - c))
+            for r in range(0, SIZE, chunk) for c in range(0, SIZE, chunk)]
+
+
+def pieces_of(probs, regions):
+    valid = np.ones(probs.shape[1:], bool)
+    return [polygonize_chunk(probs[:, r.row:r.row_stop, r.col:r.col_stop], valid[r.row:r.row_stop, r.col:r.col_stop],
+                             r.row, r.col, THRESHOLDS) for r in regions]
+
+
+def streamed(tmp: Path, probs, chunk: int, job: VectorJob, order=None) -> gpd.GeoDataFrame:
+    """Chunk tasks' parts, then the client's streamed file (chunks added in ``order``)."""
+    regions = regions_of(chunk)
+    (tmp / "parts").mkdir(parents=True, exist_ok=True)
+    for r, pieces in zip(regions, pieces_of(probs, regions)):
+        write_chunk_polygons(tmp, r.name, pieces, r, job)
+    path = tmp / f"polygons.{job.vector_format}"
+    with PolygonOutput(path, regions, job) as out:
+        for r in (order(regions) if order else regions):
+            out.add(r.name, part_tables(tmp / "parts" / f"{r.name}{FINAL_SUFFIX}"),
+                    part_seams(tmp / "parts" / f"{r.name}{SEAM_SUFFIX}"))
+        n = out.finish()
+    gdf = gpd.read_file(path, layer="segments") if job.vector_format == "gpkg" else gpd.read_parquet(path)
+    assert len(gdf) == n
+    return gdf
+
+
+def all_at_once(probs, chunk: int, job: VectorJob) -> gpd.GeoDataFrame:
+    """The pre-streaming path: every chunk's pieces merged, finalized in one call."""
+    regions = regions_of(chunk)
+    merged = merge_seams(pieces_of(probs, regions), [(r.row, r.col, r.height, r.width) for r in regions])
+    return job.finalize(merged)
+
+
+def canonical(gdf) -> pd.DataFrame:
+    """Features as a sorted table: attributes + normalized WKB (a one-part MultiPolygon, as the
+    GeoPackage stores every row, compares equal to its Polygon)."""
+    geoms = np.asarray(gdf.geometry.values, dtype=object).copy()
+    one = shapely.get_num_geometries(geoms) == 1
+    geoms[one] = shapely.get_geometry(geoms[one], 0)
+    df = pd.DataFrame(gdf.drop(columns="geometry")).astype({"prompt": object})
+    df["wkb"] = shapely.to_wkb(shapely.normalize(geoms))
+    return df.sort_values(["prompt_index", "wkb"]).reset_index(drop=True)
+
+
+def job(**kw) -> VectorJob:
+    return VectorJob(PROMPTS, THRESHOLDS, tuple(TRANSFORM)[:6], CRS, SIZE, SIZE, **kw)
+
+
+@pytest.fixture(scope="module")
+def probs():
+    return blobs()
+
+
+OPTIONS = {
+    "plain": {},
+    "min_area+reproject": {"min_area": 3.0, "dst_crs": "EPSG:4326"},
+    "fill_holes+simplify": {"fill_holes": 40.0, "simplify": 0.6, "min_area": 1.0},
+}
+
+
+@pytest.mark.parametrize("fmt", ["gpkg", "parquet"])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_streamed_file_has_the_all_at_once_features_for_any_chunk_size(tmp_path, probs, options, fmt):
+    j = job(vector_format=fmt, **OPTIONS[options])
+    reference = canonical(all_at_once(probs, SIZE, j))  # one chunk: nothing to merge
+    seam_crossing = 0
+    for chunk in (64, 100, SIZE):
+        got = streamed(tmp_path / f"c{chunk}", probs, chunk, j)
+        # exact: every value comes from the same functions on the same inputs (no tolerance)
+        pd.testing.assert_frame_equal(canonical(got), reference, check_exact=True, check_dtype=False)
+        pd.testing.assert_frame_equal(canonical(all_at_once(probs, chunk, j)), reference, check_exact=True,
+                                      check_dtype=False)
+        if chunk == 64:
+            seam_crossing = sum(len(read) for read in (
+                part_seams(tmp_path / f"c{chunk}" / "parts" / f"{r.name}{SEAM_SUFFIX}")()
+                for r in regions_of(chunk)))
+    assert len(reference) > 50
+    assert seam_crossing > 100  # the case really has many seam pieces
+
+
+def test_rows_come_in_chunk_order_whatever_order_chunks_finish(tmp_path, probs):
+    j = job()
+    forward = streamed(tmp_path / "f", probs, 64, j)
+    backward = streamed(tmp_path / "b", probs, 64, j, order=lambda rs: rs[::-1])
+    shuffled = streamed(tmp_path / "s", probs, 64, j, order=lambda rs: list(np.random.default_rng(1).permutation(rs)))
+    for other in (backward, shuffled):
+        assert list(other.geometry.to_wkb()) == list(forward.geometry.to_wkb())
+        pd.testing.assert_frame_equal(other.drop(columns="geometry"), forward.drop(columns="geometry"),
+                                      check_exact=True)
+    # the first rows are the first (top-left) chunk's own polygons: none reaches its seams (right,
+    # bottom); the raster's edges (left, top) are no seams
+    first = regions_of(64)[0]
+    x0, y0 = TRANSFORM @ (first.col, first.row)
+    x1, y1 = TRANSFORM @ (first.col_stop, first.row_stop)
+    b = forward.geometry.iloc[:20].bounds
+    assert (b.minx >= x0).all() and (b.maxx < x1).all() and (b.miny > y1).all() and (b.maxy <= y0).all()
+
+
+def test_empty_result_is_a_valid_layer_with_schema_and_crs(tmp_path):
+    j = job()
+    gdf = streamed(tmp_path, np.zeros((3, SIZE, SIZE), np.float32), 100, j)
+    assert len(gdf) == 0 and gdf.crs.to_epsg() == 32633
+    assert list(gdf.columns)[:-1] == ["prompt", "prompt_index", "threshold", "mean_prob", "max_prob", "pixels",
+                                      "area_m2", "perimeter_m", "n_holes", "compactness"]
