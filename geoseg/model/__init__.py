@@ -41,8 +41,9 @@ def encode_prompts(factory: SegmenterFactory, prompts: Sequence[str]) -> Any:
     return cached_segmenter(factory).encode_prompts(tuple(prompts))
 
 
-def clipseg_factory(model: str, revision: str | None = None, device: str = "auto") -> SegmenterFactory:
+def clipseg_factory(model: str, revision: str | None = None, device: str = "auto",
+                    compile: bool = False) -> SegmenterFactory:
     """The product's factory: CLIPSeg via transformers (imports torch lazily, on first call)."""
     from .clipseg import ClipSegFactory
 
-    return ClipSegFactory(model, revision, device)
+    return ClipSegFactory(model, revision, device, compile)
