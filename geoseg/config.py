@@ -81,7 +81,7 @@ class SegmentConfig:
     model: str = DEFAULT_MODEL
     revision: str | None = None
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: int | None = None
     bands: tuple[int, ...] = ()
     crs: str | None = None
     resolution: float | None = None
@@ -106,7 +106,7 @@ class SegmentConfig:
             raise ConfigError(f"prompts must be distinct, got {list(self.prompts)}")
         if self.bands and (len(self.bands) not in (1, 3) or min(self.bands) < 1):
             raise ConfigError(f"--bands takes 1 or 3 band numbers counted from 1, got {list(self.bands)}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0 < self.stride <= self.tile_size:
             raise ConfigError(f"stride must be in 1..tile size ({self.tile_size}), got {self.stride}")

@@ -32,9 +32,9 @@ from .config import SegmentConfig, VectorizeConfig
 from .atomic import write_json_atomic
 from .errors import ChunkFailedError, GeosegError, NotARunError, OutputExistsError, first_line
 from .export import write_vector
-from .model import SegmenterFactory, cached_segmenter, clipseg_factory, encode_prompts
-from .raster import (RasterInfo, bounded_gdal_cache, inspect_raster, open_input, read_window, to_model_rgb,
-                     write_cog, write_part, write_vrt)
+from .model import SegmenterFactory, TensorSegmenter, cached_segmenter, clipseg_factory, encode_prompts
+from .raster import (RasterInfo, bounded_gdal_cache, inspect_raster, open_input, read_window, stretch_table,
+                     to_model_rgb, write_cog, write_part, write_vrt)
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
 from .vectorize import finalize, merge_seams, polygonize_chunk, read_pieces, write_pieces
 
@@ -44,6 +44,8 @@ MANIFEST = "manifest.json"
 PROBABILITIES = "probabilities.tif"
 PARTS = "parts"
 #: Names geoseg owns inside a run directory; --overwrite removes only these.
+#: Tiles per model call on the host path when no --batch-size is given.
+HOST_BATCH = 8
 OWNED = (MANIFEST, PROBABILITIES, PARTS, "polygons.gpkg", "polygons.parquet", "probabilities.vrt")
 
 
@@ -57,7 +59,7 @@ class ChunkJob:
     thresholds: tuple[float, ...]
     tile_size: int
     stride: int
-    batch_size: int
+    batch_size: int | None  # None: sized to device memory (CUDA) or 8
     run_dir: str
     fingerprint: str
     factory: Any
@@ -118,9 +120,9 @@ class ChunkTiles:
 
 @dataclass(frozen=True)
 class ChunkInference:
-    """Output of the inference stage: per-tile probabilities and where they were computed."""
+    """Output of the inference stage: the chunk's blended probabilities and where they were computed."""
 
-    probs: np.ndarray          # (N, P, T, T) float32
+    probs: np.ndarray          # (P, h, w) float32 over the chunk's own region, NaN where masked
     worker: str
     model_revision: str | None
     seconds: float
@@ -142,16 +144,30 @@ def read_chunk(job: ChunkJob) -> ChunkTiles:
 
 
 def infer_chunk(job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> ChunkInference:
-    """GPU stage (the only one that carries ``resources={"GPU": 1}``): the model over the tiles,
-    ``batch_size`` at a time. The process's model is loaded once and kept (``cached_segmenter``)."""
+    """GPU stage (the only one that carries ``resources={"GPU": 1}``): the model over the tiles and
+    the blend. The process's model is loaded once and kept (``cached_segmenter``).
+
+    A :class:`~geoseg.model.TensorSegmenter` (CLIPSeg) gets the device-resident path: the raw halo
+    goes to its device once and only the blended chunk comes back. Other segmenters get numpy
+    tiles, ``batch_size`` at a time, and are blended on the CPU; both give the same blend.
+    """
     start = time.perf_counter()
     segmenter = cached_segmenter(job.factory)
-    n = len(tiles.tiles)
-    probs = np.empty((n, len(job.prompts), job.tile_size, job.tile_size), np.float32)
-    for i, batch in zip(range(0, n, job.batch_size), tiles.batches(job.info, job.batch_size)):
-        probs[i:i + len(batch)] = segmenter.predict(batch, embeddings)
+    if isinstance(segmenter, TensorSegmenter):
+        probs = device_blend(segmenter, job, tiles, embeddings)
+    else:
+        probs = host_blend(segmenter, job, tiles, embeddings)
     return ChunkInference(probs, f"{socket.gethostname()}:{os.getpid()}", getattr(segmenter, "revision", None),
                           time.perf_counter() - start)
+
+
+def host_blend(segmenter, job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> np.ndarray:
+    """Numpy tiles through ``segmenter.predict``, blended on the CPU: (P, h, w)."""
+    n, batch = len(tiles.tiles), job.batch_size or HOST_BATCH
+    probs = np.empty((n, len(job.prompts), job.tile_size, job.tile_size), np.float32)
+    for i, x in zip(range(0, n, batch), tiles.batches(job.info, batch)):
+        probs[i:i + len(x)] = segmenter.predict(x, embeddings)
+    return blend_tiles(tiles, probs, job.region, job.info, job.tile_size, job.stride)
 
 
 def blend_tiles(tiles: ChunkTiles, probs: np.ndarray, region: Region, info: RasterInfo, tile_size: int,
@@ -163,12 +179,26 @@ def blend_tiles(tiles: ChunkTiles, probs: np.ndarray, region: Region, info: Rast
     return normalise(acc, wsum, tiles.valid[region.slices(within=tiles.window)])
 
 
+def device_blend(segmenter, job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> np.ndarray:
+    """The device-resident path (:mod:`geoseg.model.device_chunk`, imports torch): (P, h, w)."""
+    from .model.device_chunk import ChunkInput, blend_chunk
+
+    info = job.info
+    table = stretch_table(info, tiles.data.dtype)
+    data, valid = tiles.data, tiles.valid
+    if table is None:  # float / 32-bit data: the stretch is arithmetic, done here on the host
+        data, valid = to_model_rgb(data, valid, info)
+    inp = ChunkInput(data, valid, table, info.palette is not None, tiles.window, tiles.tiles, job.region,
+                     (info.height, info.width), job.tile_size, job.stride)
+    return blend_chunk(segmenter, inp, embeddings, len(job.prompts), job.batch_size)
+
+
 def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) -> ChunkResult:
     """CPU stage: blend, write the probability part, polygonize the chunk's own region, and write
     the done-record last (its presence is what makes the chunk count as finished)."""
     start = time.perf_counter()
     region = job.region
-    probs = blend_tiles(tiles, inference.probs, region, job.info, job.tile_size, job.stride)
+    probs = inference.probs
     with bounded_gdal_cache():
         write_part(job.path(".tif"), probs, job.info, region, job.prompts)
     own_valid = tiles.valid[region.slices(within=tiles.window)]

@@ -451,19 +451,42 @@ def read_window(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.n
     return data, valid
 
 
+def stretch_table(info: RasterInfo, dtype) -> np.ndarray | None:
+    """The run's whole stretch as a look-up table, or None where values need arithmetic (floats,
+    32/64-bit integers).
+
+    Palette: (3, K) float32 0..1, indexed by ``clip(value, 0, K - 1)`` of band 1. 8/16-bit
+    integers: (B, 2**bits) float32 0..1, indexed per band by the value's unsigned bit pattern.
+    :func:`to_model_rgb` and the device chunk path both index this one table, so they give the
+    same model input bit for bit.
+    """
+    dt = np.dtype(dtype)
+    if info.palette is not None:
+        return _palette_table(info.palette)
+    if dt.itemsize <= 2 and dt.kind in "ui":
+        return np.stack([_stretch_lut(dt.str, so, st) for so, st in zip(info.scale_offset, info.stretch)])
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _palette_table(palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    table = np.ascontiguousarray((np.asarray(palette, dtype=np.float32) / 255.0).T)
+    table.setflags(write=False)
+    return table
+
+
 def to_model_rgb(data: np.ndarray, valid: np.ndarray, info: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
     """Raw bands (B, h, w) → (3, h, w) float32 0..1 through the palette or the run's global stretch.
 
     NaN pixels are cleared from ``valid``; masked pixels are 0 in the image.
     """
+    table = stretch_table(info, data.dtype)
     if info.palette is not None:
-        lut = np.asarray(info.palette, dtype=np.float32)
-        rgb = np.moveaxis(lut[np.clip(data[0], 0, len(lut) - 1)], -1, 0) / 255.0
-    elif data.dtype.itemsize <= 2 and data.dtype.kind in "ui":
+        rgb = table[:, np.clip(data[0], 0, table.shape[1] - 1)]
+    elif table is not None:
         # 8/16-bit integers: one table look-up per pixel instead of five float passes (3x faster)
         index = data.view(np.uint8 if data.dtype.itemsize == 1 else np.uint16)
-        rgb = np.stack([_stretch_lut(data.dtype.str, so, st)[band]
-                        for band, so, st in zip(index, info.scale_offset, info.stretch)])
+        rgb = np.stack([t[band] for t, band in zip(table, index)])
         if rgb.shape[0] == 1:
             rgb = np.repeat(rgb, 3, axis=0)
     else:

@@ -17,6 +17,17 @@ from .models import PerPixelSegmenter
 from .rasters import NORTH_UP, scene, write
 
 
+@pytest.fixture(params=["host", "device"])
+def perpixel(request):
+    """The per-pixel model on the host path (numpy) and on the device-resident path (torch, on
+    the CPU here): every invariant below holds on both."""
+    from .models import PerPixelFactory, TorchPerPixelFactory
+
+    PerPixelSegmenter.calls = 0
+    factory = PerPixelFactory if request.param == "host" else TorchPerPixelFactory
+    return factory(weights=((1.0, 0.0, -0.5), (0.0, -0.5, 1.0)), bias=(0.3, 0.25))
+
+
 def run(tmp_path, src, client, factory, name="out", prompts=("red roof", "blue pool"), **kw):
     cfg = geoseg.SegmentConfig(str(src), prompts, tmp_path / name, **kw)
     return geoseg.segment(cfg, client=client, segmenter_factory=factory)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
-from .base import Segmenter, SegmenterFactory
+from .base import Segmenter, SegmenterFactory, TensorSegmenter
 
-__all__ = ["Segmenter", "SegmenterFactory", "cached_segmenter", "clipseg_factory", "encode_prompts"]
+__all__ = ["Segmenter", "SegmenterFactory", "TensorSegmenter", "cached_segmenter", "clipseg_factory", "encode_prompts"]
 
 _lock = threading.Lock()
 _cache: dict[Any, Segmenter] = {}

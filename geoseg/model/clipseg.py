@@ -133,11 +133,38 @@ class ClipSegSegmenter:
 
     def _predict(self, tiles: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.device)
-        x = (x - self.mean) / self.std
+        return self.predict_tensor((x - self.mean) / self.std, embeddings).cpu().numpy()
+
+    # -- the TensorSegmenter protocol (the device-resident chunk path) ----------------------
+    @property
+    def pixel_mean(self) -> tuple[float, ...]:
+        return tuple(self.mean.flatten().tolist())
+
+    @property
+    def pixel_std(self) -> tuple[float, ...]:
+        return tuple(self.std.flatten().tolist())
+
+    @torch.inference_mode()
+    def predict_tensor(self, pixels: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Float32 sigmoid probabilities (N, P, T, T) on the device for normalised pixels on the device."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
-            logits = self.logits(x, embeddings.to(self.device))
-        return torch.sigmoid(logits.float()).cpu().numpy()
+            logits = self.logits(pixels, embeddings.to(self.device))
+        return torch.sigmoid(logits.float())
+
+    def bytes_per_tile(self, n_prompts: int) -> int:
+        """Peak device memory one tile of a batch needs (activations + outputs), for batch sizing.
+
+        Encoder: the hidden state, the three kept activations and the MLP's 4x expansion at 485
+        tokens; decoder: per prompt the FiLM'd tokens, the transposed-convolution maps and the
+        float32 probabilities. Doubled for allocator slack; an overestimate only shrinks batches.
+        """
+        cfg = self.model.config
+        tokens = (352 // cfg.vision_config.patch_size) ** 2 + 1
+        item = 2 if self.autocast_dtype is not None else 4
+        enc = tokens * cfg.vision_config.hidden_size * (4 + len(self.extract_layers)) * item
+        dec = (tokens * cfg.reduce_dim * 8 * item + 88 * 88 * cfg.reduce_dim * 2 * item + 352 * 352 * 4 * 3)
+        return 2 * (enc + n_prompts * dec)
 
     # -- the forward pass -------------------------------------------------------------------
     def activations(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
