@@ -98,7 +98,7 @@ class _Halo:
         if data.dtype == np.uint16:  # uint16 has few device kernels: ship the bits as int16
             data = data.view(np.int16)
         self.mask_bits = {np.dtype(np.int8): 0xFF, np.dtype(np.int16): 0xFFFF}.get(data.dtype)
-        self.table = None if inp.table is None else torch.from_numpy(np.ascontiguousarray(inp.table)).to(device)
+        self.table = None if inp.table is None else torch.tensor(inp.table, device=device)
         self.bands = [(r, min(r + BAND_ROWS, rows)) for r in range(0, rows, BAND_ROWS)]
         self.done = 0  # bands stretched so far
         host = [torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(np.ascontiguousarray(inp.valid))]
