@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import rasterio  # noqa: E402
@@ -32,7 +31,7 @@ from rasterio.windows import Window  # noqa: E402
 
 import geoseg  # noqa: E402
 from geoseg.config import CHUNK_SIZE, STRIDE, TILE_SIZE  # noqa: E402
-from geoseg.pipeline import dask_client  # noqa: E402
+from geoseg.scheduling import dask_client  # noqa: E402
 from geoseg.tiling import aligned_chunk, chunk_regions, tiles_touching  # noqa: E402
 from tests.models import ZeroCostFactory  # noqa: E402
 from tests.rasters import NORTH_UP, UTM33, scene, write  # noqa: E402
@@ -65,7 +64,7 @@ def throughput(tmp: Path, size: int, chunk: int) -> list[tuple[int, float, float
         start = time.perf_counter()
         result = geoseg.segment(cfg)
         wall = time.perf_counter() - start
-        busy = sum(c.get("seconds", 0) for c in result.manifest["chunks"].values())
+        busy = sum(c.seconds or 0 for c in result.manifest.chunks.values())
         rows.append((workers, wall, size * size / wall / 1e6, result.chunks_run, busy))
     return rows
 

@@ -101,8 +101,8 @@ def tiny_model(out: Path) -> Path:
 
 def plain_read(path: Path, chunk: int) -> float:
     """Seconds for a windowed read of every chunk window (bands 1-3) of the file."""
-    from geoseg.pipeline import plan_chunks
     from geoseg.raster import inspect_raster
+    from geoseg.stages import plan_chunks
 
     regions = plan_chunks(inspect_raster(str(path)), chunk)
     start = time.perf_counter()
@@ -114,7 +114,7 @@ def plain_read(path: Path, chunk: int) -> float:
 
 def cluster_startup(workers: int) -> float:
     """Seconds to start and stop the LocalCluster ``segment`` starts when given no client."""
-    from geoseg.pipeline import dask_client
+    from geoseg.scheduling import dask_client
 
     start = time.perf_counter()
     with dask_client(workers=workers):
@@ -137,7 +137,7 @@ def run_segment(path: Path, run_dir: Path, chunk: int, workers: int, threshold: 
 
 
 def task_seconds(result) -> float:
-    return sum(c.get("seconds", 0.0) for c in result.manifest["chunks"].values())
+    return sum(c.seconds or 0.0 for c in result.manifest.chunks.values())
 
 
 def peak_rss_kib() -> int:
@@ -227,7 +227,8 @@ def main(argv=None) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"\ngeoseg segment bench: {n} x {n} RGB uint8 ({mpx:.1f} Mpx), tiled {BLOCK} DEFLATE, "
-          f"1 prompt, threshold {args.threshold}, chunk {args.chunk_size}, {args.workers} worker(s), {os.cpu_count()} CPUs, model on {device}")
+          f"1 prompt, threshold {args.threshold}, chunk {args.chunk_size}, {args.workers} worker(s), "
+          f"{os.cpu_count()} CPUs, model on {device}")
     print(f"LocalCluster start+stop: {startup:.1f} s (included in both geoseg rows)\n")
     print(f"{'measurement':<38} {'wall s':>8} {'Mpx/s':>8} {'x read':>8} {'tasks s':>8} {'polygons':>9}")
     for name, secs, tasks, feats in rows:

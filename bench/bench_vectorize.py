@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from rasterio.features import shapes  # noqa: E402
 
-from geoseg.vectorize import merge_seams, polygonize_chunk  # noqa: E402
+from geoseg.pieces import merge_seams, polygonize_chunk  # noqa: E402
 
 
 def synthetic_probs(size: int, seed: int) -> np.ndarray:

@@ -10,16 +10,28 @@ import logging
 __version__ = "0.1.0"
 
 from .config import DEFAULT_MODEL, SegmentConfig, VectorizeConfig  # noqa: E402
-from .errors import (ChunkFailedError, ConfigError, GeoreferencingError, GeosegError,  # noqa: E402
-                     MissingCRSError, ModelLoadError, NotARunError, OutputExistsError, RasterError, RasterOpenError,
-                     RasterReadError, UnsupportedDataError)
+from .errors import (  # noqa: E402
+    ChunkFailedError,
+    ConfigError,
+    GeoreferencingError,
+    GeosegError,
+    MissingCRSError,
+    ModelLoadError,
+    ModelOutOfMemoryError,
+    NotARunError,
+    OutputExistsError,
+    RasterError,
+    RasterOpenError,
+    RasterReadError,
+    UnsupportedDataError,
+)
 from .pipeline import RunResult, segment, vectorize  # noqa: E402
-
 
 __all__ = [
     "__version__", "segment", "vectorize", "SegmentConfig", "VectorizeConfig", "RunResult", "DEFAULT_MODEL",
     "GeosegError", "ConfigError", "RasterError", "RasterOpenError", "MissingCRSError", "GeoreferencingError",
-    "UnsupportedDataError", "RasterReadError", "ModelLoadError", "OutputExistsError", "NotARunError", "ChunkFailedError",
+    "UnsupportedDataError", "RasterReadError", "ModelLoadError", "ModelOutOfMemoryError", "OutputExistsError",
+    "NotARunError", "ChunkFailedError",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -32,7 +32,7 @@ def _ints(ctx, param, value):
     try:
         return tuple(int(x) for x in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected band numbers like 1,2,3, got {value!r}")
+        raise click.BadParameter(f"expected band numbers like 1,2,3, got {value!r}") from None
 
 
 def vector_options(f):

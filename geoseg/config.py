@@ -7,6 +7,7 @@ Defaults are chosen for quality on a laptop and explained in the README and ``ge
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,32 @@ DEFAULT_THRESHOLD = 0.5
 #: 16384² run peaked 2.3x higher than a 4096² one); geoseg's reads and writes run under this bound
 #: so memory follows the chunk size only. A GDAL_CACHEMAX environment variable takes precedence.
 GDAL_CACHEMAX_MB = 256
+
+
+def check_thresholds(values: tuple[float, ...]) -> tuple[float, ...]:
+    """The one rule for thresholds: each strictly between 0 and 1.
+
+    0 would put every valid pixel (probability 0 included) in the mask, and a sigmoid output never
+    exceeds 1, so neither end selects anything meaningful. Returns ``values`` as floats.
+    """
+    try:
+        out = tuple(float(t) for t in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold must be a number between 0 and 1 (exclusive), got {values!r}") from None
+    if not all(0.0 < t < 1.0 for t in out):  # NaN fails too
+        raise ConfigError(f"threshold must be between 0 and 1 (exclusive), got {out}")
+    return out
+
+
+def check_nonneg(name: str, value: float) -> float:
+    """The one rule for areas and tolerances (``min_area``, ``fill_holes``, ``simplify``): a finite number >= 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
 
 
 def _as_tuple(value, kind) -> tuple:
@@ -53,12 +80,10 @@ class VectorizeConfig:
     vector_format: str = "gpkg"
 
     def __post_init__(self):
-        object.__setattr__(self, "threshold", _as_tuple(self.threshold, float) or (DEFAULT_THRESHOLD,))
-        if not all(0.0 < t < 1.0 for t in self.threshold):
-            raise ConfigError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold}")
+        threshold = _as_tuple(self.threshold, float) or (DEFAULT_THRESHOLD,)
+        object.__setattr__(self, "threshold", check_thresholds(threshold))
         for name in ("min_area", "fill_holes", "simplify"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            object.__setattr__(self, name, check_nonneg(name, getattr(self, name)))
         if self.vector_format not in ("gpkg", "parquet"):
             raise ConfigError(f"format must be 'gpkg' or 'parquet', got {self.vector_format!r}")
 
@@ -118,7 +143,7 @@ class SegmentConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         self.vector.thresholds_for(len(self.prompts))
 
-    def replace(self, **changes) -> "SegmentConfig":
+    def replace(self, **changes) -> SegmentConfig:
         return dataclasses.replace(self, **changes)
 
     def pixel_options(self) -> dict:

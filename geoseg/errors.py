@@ -50,6 +50,11 @@ class ModelLoadError(GeosegError, OSError):
     """The model could not be loaded from the hub, the HF cache or a local directory."""
 
 
+class ModelOutOfMemoryError(GeosegError, MemoryError):
+    """The model ran out of accelerator memory even at one tile per batch (raised by the model, so
+    the scheduler recognises it by class, without importing torch)."""
+
+
 class OutputExistsError(GeosegError, FileExistsError):
     """The output path holds something that is not a previous run of the same job."""
 

@@ -1,4 +1,4 @@
-"""Write geoseg's vector results (and small JSON manifests) to disk, atomically.
+"""Write geoseg's vector results (GeoPackage or GeoParquet, with QGIS/SLD styles) to disk, atomically.
 
 Polygons are written **once**, at the end of a run, from one GeoDataFrame -- never appended chunk by
 chunk. Appending to a GeoPackage from several places means a crash leaves a file that looks complete
@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import colorsys
 import sqlite3
+from collections.abc import Sequence
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 import geopandas as gpd
@@ -229,7 +229,7 @@ def _write_layer_styles(path: Path, layer: str, geometry_column: str, prompts: S
         "description": "geoseg default style: one category per prompt",
         "owner": "",
         "ui": "",
-        "update_time": pd.Timestamp(datetime.now(timezone.utc)),  # DATETIME column; rewritten below
+        "update_time": pd.Timestamp(datetime.now(UTC)),  # DATETIME column; rewritten below
     }
     df = pd.DataFrame([row])
     df["useAsDefault"] = df["useAsDefault"].astype(bool)  # -> OFTInteger / OFSTBoolean, as QGIS does

@@ -14,24 +14,23 @@ files have them), so a preview of a 100 000 px scene costs about as much memory 
 * a **legend** strip below the map shows, per prompt, a colour swatch, the prompt and its polygon
   count. Colours come from :func:`geoseg.export.prompt_colors`, as in the GeoPackage's QGIS style.
 
-The PNG appears under its name only when complete (temp file in the same directory + ``os.replace``).
+The PNG appears under its name only when complete (:func:`geoseg.atomic.atomic_target`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from .atomic import atomic_target
 from .errors import ConfigError, GeosegError, NotARunError, first_line
 from .export import prompt_colors
-from .pipeline import load_finished_run
 from .raster import inspect_raster, open_input, to_model_rgb
+from .rundir import MANIFEST, POLYGONS, PROBABILITIES, RunManifest, load_finished_run
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +51,9 @@ MIN_SIZE = 16
 MAX_SIZE = 16384
 
 
-def _vector_path(run_dir: Path, manifest: dict) -> Path | None:
+def _vector_path(run_dir: Path, manifest: RunManifest) -> Path | None:
     """The run's current polygon file (``segment`` or the last ``vectorize`` records it)."""
-    names = [(manifest.get("outputs") or {}).get("polygons"), "polygons.gpkg", "polygons.parquet"]
+    names = [manifest.outputs.get("polygons"), *POLYGONS.values()]
     for name in filter(None, names):
         if (run_dir / name).exists():
             return run_dir / name
@@ -108,24 +107,22 @@ def _read_rgb_decimated(src, info, shape: tuple[int, int]) -> tuple[np.ndarray, 
     return to_model_rgb(data, valid, info)
 
 
-def _base_image(manifest: dict, shape: tuple[int, int]) -> tuple[np.ndarray, str | None]:
+def _base_image(run_dir: Path, manifest: RunManifest, shape: tuple[int, int]) -> tuple[np.ndarray, str | None]:
     """(h, w, 3) uint8 input image on the preview grid, and a note when it could not be read."""
     import rasterio
 
-
     h, w = shape
-    raster = manifest.get("raster") or {}
-    options = manifest.get("options") or {}
-    path = manifest.get("input")
+    raster, options = manifest.raster, manifest.options
+    path = manifest.input_path(run_dir)
     try:
-        info = inspect_raster(path, tuple(raster.get("bands") or options.get("bands") or ()),
+        info = inspect_raster(path, raster.bands or tuple(options.get("bands") or ()),
                               options.get("crs"), options.get("resolution"))
     except (GeosegError, TypeError) as exc:
         log.warning("preview: cannot read the input image (%s); drawing on grey", exc)
         return np.full((h, w, 3), MASKED_RGB, np.uint8), "input image not readable"
-    if raster.get("stretch"):  # the stretch the run used (the file may have been touched since)
-        info = dataclasses.replace(info, stretch=tuple(tuple(s) for s in raster["stretch"]))
-    if (info.width, info.height) != (raster.get("width", info.width), raster.get("height", info.height)):
+    if raster.stretch:  # the stretch the run used (the file may have been touched since)
+        info = dataclasses.replace(info, stretch=raster.stretch)
+    if (info.width, info.height) != (raster.width, raster.height):
         log.warning("preview: %s no longer has the run's grid; the overlay may not line up", path)
     try:
         with open_input(info) as src:
@@ -287,7 +284,7 @@ def render_preview(run_dir: Path | str, output: Path | str, size: int = 1024,
         raise ConfigError(f"preview size must be {MIN_SIZE}..{MAX_SIZE} px, got {size!r}")
     run_dir, output = Path(run_dir), Path(output)
     manifest = load_finished_run(run_dir)
-    prompts = [str(p) for p in manifest["prompts"]]
+    prompts = list(manifest.prompts)
     colors = prompt_colors(len(prompts))
 
     vector = _vector_path(run_dir, manifest)
@@ -298,16 +295,16 @@ def render_preview(run_dir: Path | str, output: Path | str, size: int = 1024,
 
     import rasterio
 
-    prob_path = run_dir / "probabilities.tif"
+    prob_path = run_dir / PROBABILITIES
     try:
         with rasterio.open(prob_path) as src:
             grid = (src.height, src.width)
             if src.count != len(prompts):
-                raise NotARunError(f"{prob_path}: {src.count} bands for {len(prompts)} prompts in manifest.json")
+                raise NotARunError(f"{prob_path}: {src.count} bands for {len(prompts)} prompts in {MANIFEST}")
     except rasterio.errors.RasterioIOError as exc:
         raise NotARunError(f"{prob_path}: cannot open: {first_line(exc)}") from exc
     shape = _preview_shape(*grid, size)
-    base, note = _base_image(manifest, shape)
+    base, note = _base_image(run_dir, manifest, shape)
     if mode == "probabilities":
         probs, transform, crs, _ = _probabilities(prob_path, shape)
         mapimg = Image.fromarray(_tint(base, probs, colors))
@@ -318,22 +315,16 @@ def render_preview(run_dir: Path | str, output: Path | str, size: int = 1024,
         _draw_outlines(mapimg, gdf, prompts, colors, transform, crs, grid)
 
     what = "probabilities (opacity = p)" if mode == "probabilities" else "polygon outlines"
-    name = Path(str(manifest.get("input", ""))).name or run_dir.name
+    name = Path(manifest.input).name or run_dir.name
     title = f"{name}: {what}" + (f" [{note}]" if note else "")
     width, legend_h, cols, col_w, entries, font = _legend_layout(prompts, counts, title, mapimg.width)
     canvas = Image.new("RGB", (width, mapimg.height + legend_h), BACKGROUND_RGB)
     canvas.paste(mapimg, (0, 0))
     _draw_legend(canvas, mapimg.height, title, entries, colors, cols, col_w, font)
 
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, output)
+        with atomic_target(output) as tmp:
+            canvas.save(tmp, format="PNG")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise GeosegError(f"{output}: cannot write the preview: {exc.strerror or exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return output

@@ -11,9 +11,9 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -27,8 +27,16 @@ from rasterio.windows import Window
 
 from .atomic import atomic_target
 from .config import GDAL_CACHEMAX_MB
-from .errors import (ConfigError, GeoreferencingError, MissingCRSError, RasterOpenError, RasterReadError,
-                     UnsupportedDataError, first_line)
+from .crs import horizontal_crs
+from .errors import (
+    ConfigError,
+    GeoreferencingError,
+    MissingCRSError,
+    RasterOpenError,
+    RasterReadError,
+    UnsupportedDataError,
+    first_line,
+)
 from .tiling import Region
 
 log = logging.getLogger(__name__)
@@ -89,11 +97,7 @@ def _horizontal_kind(crs) -> str:
     """'projected', 'geographic' or what else PROJ calls it (engineering, geocentric, vertical, ...)."""
     import pyproj
 
-    c = pyproj.CRS.from_wkt(crs.to_wkt()) if not isinstance(crs, pyproj.CRS) else crs
-    if c.is_bound:
-        c = c.source_crs
-    if c.is_compound:
-        c = c.sub_crs_list[0]
+    c = horizontal_crs(pyproj.CRS.from_wkt(crs.to_wkt()) if not isinstance(crs, pyproj.CRS) else crs)
     if c.is_projected:
         return "projected"
     if c.is_geographic:
@@ -194,7 +198,7 @@ def select_bands(src, path: str, bands: Sequence[int]) -> tuple[tuple[int, ...],
     names = [(d or "").strip().lower() for d in src.descriptions]
     by_name = [next((i + 1 for i, n in enumerate(names) if n in alias), None) for alias in _RGB_NAMES]
     if all(by_name):
-        return tuple(by_name), False
+        return tuple(i for i in by_name if i is not None), False
     usable = [i + 1 for i, c in enumerate(ci) if c != ColorInterp.alpha]
     if not usable:
         raise UnsupportedDataError(f"{path}: no band other than alpha to segment")
@@ -482,7 +486,8 @@ def to_model_rgb(data: np.ndarray, valid: np.ndarray, info: RasterInfo) -> tuple
     """
     table = stretch_table(info, data.dtype)
     if info.palette is not None:
-        rgb = table[:, np.clip(data[0], 0, table.shape[1] - 1)]
+        palette = _palette_table(info.palette)
+        rgb = palette[:, np.clip(data[0], 0, palette.shape[1] - 1)]
     elif table is not None:
         # 8/16-bit integers: one table look-up per pixel instead of five float passes (3x faster)
         index = data.view(np.uint8 if data.dtype.itemsize == 1 else np.uint16)

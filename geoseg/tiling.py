@@ -36,12 +36,12 @@ class Region:
     def name(self) -> str:
         return f"r{self.row:07d}_c{self.col:07d}"
 
-    def slices(self, within: "Region | None" = None) -> tuple[slice, slice]:
+    def slices(self, within: Region | None = None) -> tuple[slice, slice]:
         """Array slices of this region inside ``within`` (whose origin is its own row/col)."""
         r0, c0 = (within.row, within.col) if within else (0, 0)
         return (slice(self.row - r0, self.row_stop - r0), slice(self.col - c0, self.col_stop - c0))
 
-    def intersection(self, other: "Region") -> "Region | None":
+    def intersection(self, other: Region) -> Region | None:
         r0, c0 = max(self.row, other.row), max(self.col, other.col)
         r1, c1 = min(self.row_stop, other.row_stop), min(self.col_stop, other.col_stop)
         if r1 <= r0 or c1 <= c0:

@@ -14,6 +14,8 @@ import os
 import signal
 import time
 
+from geoseg.errors import ModelOutOfMemoryError
+
 from .models import PerPixelFactory, PerPixelSegmenter
 
 WEIGHTS = ((1.0, 0.0, -0.5), (0.0, -0.5, 1.0))
@@ -87,8 +89,8 @@ class SlowFactory(PerPixelFactory):
         return _Wrapped(lambda: time.sleep(self.delay))
 
 
-class OutOfMemoryError(RuntimeError):
-    """Stands in for ``torch.cuda.OutOfMemoryError`` (same class name, no torch needed)."""
+class OutOfMemoryError(ModelOutOfMemoryError):
+    """What a model raises when the GPU runs out of memory at one tile (no torch needed)."""
 
 
 class OutOfMemoryFactory(PerPixelFactory):

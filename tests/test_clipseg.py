@@ -91,3 +91,22 @@ def test_attention_is_sdpa(tiny_model_dir):
     seg = ClipSegSegmenter.load(str(tiny_model_dir), device="cpu")
     assert seg.model.config._attn_implementation == "sdpa"
     assert seg.model.decoder.layers[0].self_attn.config._attn_implementation == "sdpa"
+
+
+def test_gpu_out_of_memory_at_one_tile_is_a_geoseg_error(tiny_model_dir, monkeypatch):
+    """CUDA OOM halves the batch; at one tile it is ModelOutOfMemoryError (the scheduler's cue)."""
+    from geoseg.errors import GeosegError, ModelOutOfMemoryError
+
+    seg = ClipSegSegmenter.load(str(tiny_model_dir), device="cpu")
+    sizes = []
+
+    def oom(tiles, embeddings):
+        sizes.append(len(tiles))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(seg, "_predict", oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with pytest.raises(ModelOutOfMemoryError, match="out of memory") as info:
+        seg.predict(np.zeros((4, 3, 352, 352), np.float32), seg.encode_prompts(PROMPTS[:1]))
+    assert isinstance(info.value, GeosegError) and isinstance(info.value, MemoryError)
+    assert sizes[:3] == [4, 2, 1]  # halved down to one tile before giving up

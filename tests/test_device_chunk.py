@@ -14,8 +14,8 @@ import torch
 
 from geoseg.model.clipseg import ClipSegSegmenter
 from geoseg.model.device_chunk import ChunkInput, _Halo, blend_chunk
-from geoseg.pipeline import ChunkJob, device_blend, host_blend, plan_chunks, read_chunk
 from geoseg.raster import inspect_raster, stretch_table, to_model_rgb
+from geoseg.stages import ChunkJob, device_blend, host_blend, plan_chunks, read_chunk
 
 from . import rasters
 from .rasters import scene, write

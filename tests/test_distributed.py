@@ -21,7 +21,7 @@ import pytest
 import rasterio
 
 import geoseg
-from geoseg.pipeline import dask_client
+from geoseg.scheduling import dask_client
 
 from .faulty_models import BIAS, WEIGHTS, KillOnceFactory, OutOfMemoryFactory
 from .models import PerPixelFactory
@@ -76,7 +76,7 @@ def reference(tmp_path_factory, raster, inproc_client):
 
 
 def workers_of(result) -> list[str]:
-    return [c["worker"] for c in result.manifest["chunks"].values()]
+    return [c.worker for c in result.manifest.chunks.values()]
 
 
 def test_two_worker_processes_equal_single_process(tmp_path, raster, reference, cluster_client):
@@ -95,8 +95,8 @@ def test_worker_killed_mid_run_gives_same_output(tmp_path, raster, reference, cl
     result = geoseg.segment(config(raster, tmp_path / "run"), client=cluster_client, segmenter_factory=factory)
     assert marker.exists(), "a worker was SIGKILLed while running chunk r0000512_c0000512"
     killed_pid = int(marker.read_text().split()[0])
-    chunk = result.manifest["chunks"]["r0000512_c0000512"]
-    assert chunk["status"] == "done" and not chunk["worker"].endswith(f":{killed_pid}")
+    chunk = result.manifest.chunks["r0000512_c0000512"]
+    assert chunk.status == "done" and not chunk.worker.endswith(f":{killed_pid}")
     assert result.chunks_run == 6
     assert_same(result, reference)
     cluster_client.wait_for_workers(2, timeout=60)  # the nanny restarted it

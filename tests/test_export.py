@@ -111,7 +111,8 @@ def test_gpkg_spatial_index_and_contents(tmp_path):
         assert con.execute("SELECT count(*) FROM rtree_segments_geom").fetchone()[0] == 3
         contents = dict(con.execute("SELECT table_name, data_type FROM gpkg_contents").fetchall())
         assert contents == {"segments": "features", "layer_styles": "attributes"}
-        assert con.execute("SELECT srs_id FROM gpkg_geometry_columns WHERE table_name='segments'").fetchone() == (32633,)
+        srs = con.execute("SELECT srs_id FROM gpkg_geometry_columns WHERE table_name='segments'").fetchone()
+        assert srs == (32633,)
         # GeoPackage 1.2 so GDAL 3.6 / QGIS 3.22 read it without "partially supported" warnings.
         assert con.execute("PRAGMA user_version").fetchone()[0] == 10200
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -25,9 +25,26 @@ from geoseg.raster import inspect_raster, open_input, read_rgb
 from geoseg.tiling import Region
 
 from .models import PerPixelSegmenter
-from .rasters import (BLUE, COMPRESSIONS, RED, REFUSE_CASES, SEGMENT_CASES, UTM33, Case, check_refused,
-                      check_segmented, corrupt_tile, env_without_proxies, make_antimeridian_utm, make_compressed,
-                      make_truncated, no_output, read_polygons, scene, write)
+from .rasters import (
+    BLUE,
+    COMPRESSIONS,
+    RED,
+    REFUSE_CASES,
+    SEGMENT_CASES,
+    UTM33,
+    Case,
+    check_refused,
+    check_segmented,
+    corrupt_tile,
+    env_without_proxies,
+    make_antimeridian_utm,
+    make_compressed,
+    make_truncated,
+    no_output,
+    read_polygons,
+    scene,
+    write,
+)
 
 PROMPTS = ("red roof", "blue pool")
 CHUNK = 352
@@ -439,16 +456,16 @@ def test_bigtiff_memory_is_bounded_by_the_chunk_not_the_raster(tmp_path, inproc_
     """A BigTIFF 4x the size: no task reads more than one chunk plus its halo, and the Python-side
     peak (numpy included) grows by far less than one float copy of the raster (the growth left is
     Dask bookkeeping per task)."""
-    import geoseg.pipeline as pipeline
+    import geoseg.stages as stages
 
     windows = []
-    original = pipeline.read_window
+    original = stages.read_window
 
     def recording(src, info, region):
         windows.append(region)
         return original(src, info, region)
 
-    monkeypatch.setattr(pipeline, "read_window", recording)
+    monkeypatch.setattr(stages, "read_window", recording)
     small, _, _ = _peak_memory(tmp_path, "small", (300, 1152), inproc_client, perpixel)
     big, result, path = _peak_memory(tmp_path, "big", (300, 4608), inproc_client, perpixel)
     assert result.chunks_run == 12  # 384 px chunks (352 rounded up to the 128 px blocks)

@@ -13,8 +13,8 @@ from PIL import Image
 
 import geoseg
 from geoseg.cli import main
-from geoseg.export import prompt_colors
 from geoseg.errors import NotARunError
+from geoseg.export import prompt_colors
 from geoseg.preview import MAX_ALPHA, render_preview
 
 from .rasters import NORTH_UP, write
@@ -102,7 +102,7 @@ def test_polygon_outlines_and_legend(tmp_path, run):
     legend = img[H // 2:]
     for rgb in colors:
         assert (np.abs(legend - rgb).max(axis=-1) == 0).sum() >= 100, f"swatch {rgb} in the legend"
-    assert ((legend.max(axis=-1) < 80)).sum() > 200, "dark legend text"
+    assert (legend.max(axis=-1) < 80).sum() > 200, "dark legend text"
     assert legend.shape[0] >= 2 * 20
 
 
@@ -186,3 +186,35 @@ def test_missing_input_draws_on_grey(tmp_path, run):
     img = png(render_preview(run.run_dir, tmp_path / "g.png", size=SIZE))
     assert img.shape[1] == SIZE
     assert np.array_equal(img[10, 10], img[20, 390])  # flat background, no input image
+
+
+def _not_grey(img) -> bool:
+    """The map shows the input (green ground in a corner), not the grey "input image not readable" one.
+
+    12 levels: the ground's faint probability tint (measured 6) but far from grey (48, 48, 48)."""
+    return np.abs(img[5, 5] - np.array(GROUND)).max() <= 12
+
+
+def test_relative_input_preview_from_another_directory(tmp_path, inproc_client, perpixel, monkeypatch):
+    """A run made with a relative input path (issue 8) previews from any working directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    write(work / "scene.tif", flat_scene(), transform=NORTH_UP)
+    monkeypatch.chdir(work)
+    geoseg.segment(geoseg.SegmentConfig("scene.tif", PROMPTS, "../out", chunk_size=400),
+                   client=inproc_client, segmenter_factory=perpixel)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["input"] == str(work / "scene.tif") and manifest["input_relative"] == "../work/scene.tif"
+    monkeypatch.chdir(tmp_path)
+    assert _not_grey(png(render_preview("out", "p.png", size=SIZE)))
+
+
+def test_moved_project_finds_its_input(tmp_path, run):
+    """Input and run moved together: the input is found relative to the run directory."""
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "run.tif").rename(moved / "run.tif")
+    run.run_dir.rename(moved / "run")
+    assert _not_grey(png(render_preview(moved / "run", tmp_path / "p.png", size=SIZE)))
+    (moved / "run.tif").unlink()  # and without it: grey, as before
+    assert not _not_grey(png(render_preview(moved / "run", tmp_path / "g.png", size=SIZE)))

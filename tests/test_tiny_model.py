@@ -172,7 +172,7 @@ def test_seeded_hf_cache_loads_offline(tmp_path, tiny_dir, tiny_model):
         env=_offline_env(hf_home), cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     res = json.loads(line[len("RESULT "):])
     assert res["offline"] is True
     assert Path(res["cache"]) == hf_home / "hub"

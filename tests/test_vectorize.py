@@ -15,15 +15,8 @@ from shapely import affinity
 from shapely.geometry import box
 
 from geoseg.errors import ConfigError
-from geoseg.vectorize import (
-    OUTPUT_COLUMNS,
-    Pieces,
-    finalize,
-    merge_seams,
-    polygonize_chunk,
-    read_pieces,
-    write_pieces,
-)
+from geoseg.pieces import Pieces, merge_seams, polygonize_chunk, read_pieces, write_pieces
+from geoseg.polygons import OUTPUT_COLUMNS, finalize
 
 H, W = 60, 72
 
@@ -483,3 +476,16 @@ def test_antimeridian_split_of_continuous_longitudes():
     parts = sorted(shapely.get_parts(g), key=lambda p: p.bounds[0])
     assert [tuple(np.round(p.bounds, 6)) for p in parts] == [(-180, -2.5, -172.5, 2.5), (172.5, -2.5, 180, 2.5)]
     assert all(p.exterior.is_ccw for p in parts)
+
+
+@pytest.mark.parametrize("t", [0.0, 1.0, -0.1, float("nan")])
+def test_one_threshold_rule_everywhere(t):
+    """config.check_thresholds owns the range (0, 1), open: the config and the stages agree."""
+    from geoseg.config import VectorizeConfig
+
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        VectorizeConfig(threshold=t)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        polygonize_chunk(np.full((1, 2, 2), 0.5, np.float32), np.ones((2, 2), bool), 0, 0, [t])
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        finalize(Pieces.empty(), Affine.identity(), UTM, ["a"], [t])

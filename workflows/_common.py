@@ -33,8 +33,8 @@ def config(args, **extra) -> geoseg.SegmentConfig:
 
 def plan(cfg: geoseg.SegmentConfig) -> str:
     """What the run will do, computed from the raster header only (no pixels read, no model loaded)."""
-    from geoseg.pipeline import plan_chunks
     from geoseg.raster import inspect_raster
+    from geoseg.stages import plan_chunks
 
     lines = [f"model: {cfg.model}   prompts: {list(cfg.prompts)}   output: {cfg.output}"]
     if os.path.exists(cfg.input) or "://" in cfg.input or cfg.input.startswith("/vsi"):

@@ -7,18 +7,15 @@ so planning, vectorizing and the CLI's ``--help`` stay fast.
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 from .base import Segmenter, SegmenterFactory, TensorSegmenter
 
 __all__ = ["Segmenter", "SegmenterFactory", "TensorSegmenter", "cached_segmenter", "clipseg_factory", "encode_prompts"]
 
 _lock = threading.Lock()
-_cache: dict[Any, Segmenter] = {}
-
-
-def _key(factory: SegmenterFactory):
-    return factory.key() if hasattr(factory, "key") else factory
+_cache: dict[Hashable, Segmenter] = {}
 
 
 def cached_segmenter(factory: SegmenterFactory) -> Segmenter:
@@ -28,7 +25,7 @@ def cached_segmenter(factory: SegmenterFactory) -> Segmenter:
     pay nothing. The lock makes concurrent worker threads wait for the one load instead of loading
     the weights twice.
     """
-    key = _key(factory)
+    key = factory.key()
     with _lock:
         if key not in _cache:
             _cache.clear()

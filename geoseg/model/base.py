@@ -7,7 +7,8 @@ globally stretched and padded); the segmenter does its own model-specific normal
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Hashable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -16,16 +17,31 @@ import numpy as np
 class Segmenter(Protocol):
     """Prompts → embeddings (once per run); tiles × embeddings → probabilities."""
 
+    #: The model's resolved revision (a commit hash), recorded in the manifest; None if unknown.
+    revision: str | None
+
     def encode_prompts(self, prompts: Sequence[str]) -> Any:
         """Encode every prompt once; the result is passed back to :meth:`predict`."""
 
     def predict(self, tiles: np.ndarray, embeddings: Any) -> np.ndarray:
-        """Return float32 probabilities of shape ``(N, P, T, T)`` for ``tiles`` of shape ``(N, 3, T, T)``."""
+        """Return float32 probabilities of shape ``(N, P, T, T)`` for ``tiles`` of shape ``(N, 3, T, T)``.
+
+        A model that runs out of accelerator memory raises :class:`geoseg.errors.ModelOutOfMemoryError`.
+        """
 
 
-#: A picklable, hashable zero-argument callable that builds a Segmenter. It travels to Dask workers
-#: instead of the model itself; each process builds the model once (see ``model.loader``).
-SegmenterFactory = Callable[[], Segmenter]
+class SegmenterFactory(Protocol):
+    """A picklable zero-argument callable that builds a :class:`Segmenter`.
+
+    It travels to Dask workers instead of the model itself; each process builds the model once and
+    keeps it, cached under :meth:`key` (see :func:`geoseg.model.cached_segmenter`).
+    """
+
+    def __call__(self) -> Segmenter:
+        """Build the model (on a worker; may load weights)."""
+
+    def key(self) -> Hashable:
+        """What identifies the model this factory builds: equal keys share one loaded model."""
 
 
 @runtime_checkable

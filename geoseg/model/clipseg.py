@@ -14,18 +14,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import transformers
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-from ..errors import ModelLoadError
+from ..config import DEFAULT_MODEL
+from ..errors import ModelLoadError, ModelOutOfMemoryError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -57,7 +56,8 @@ def resolved_revision(model: str, revision: str | None) -> str | None:
     try:
         from transformers.utils.hub import resolve_revision
 
-        return resolve_revision(model, revision).resolved or revision
+        resolved = resolve_revision(model, revision)  # a str subclass carrying the commit as .resolved
+        return getattr(resolved, "resolved", None) or revision
     except Exception:  # best effort: a manifest detail must never fail a run
         return revision
 
@@ -87,18 +87,19 @@ class ClipSegSegmenter:
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, revision: str | None = None,
-             device: str = "auto", compile: bool = False) -> "ClipSegSegmenter":
+             device: str = "auto", compile: bool = False) -> ClipSegSegmenter:
         """Load weights and processor with ``from_pretrained`` (hub id, HF cache or local dir)."""
         transformers.utils.logging.disable_progress_bar()  # geoseg shows its own progress
         try:
+            pinned = revision or "main"  # transformers' own default
             try:  # fused scaled-dot-product attention (flash / memory-efficient kernels on CUDA)
-                net = CLIPSegForImageSegmentation.from_pretrained(model, revision=revision,
+                net = CLIPSegForImageSegmentation.from_pretrained(model, revision=pinned,
                                                                   attn_implementation="sdpa")
             except ValueError as exc:  # a transformers build without SDPA for CLIPSeg
                 log.info("SDPA attention unavailable (%s); using the default", exc)
-                net = CLIPSegForImageSegmentation.from_pretrained(model, revision=revision)
-            processor = CLIPSegProcessor.from_pretrained(model, revision=revision)
-        except (OSError, ValueError, EnvironmentError) as exc:
+                net = CLIPSegForImageSegmentation.from_pretrained(model, revision=pinned)
+            processor = CLIPSegProcessor.from_pretrained(model, revision=pinned)
+        except (OSError, ValueError) as exc:
             raise ModelLoadError(_hub_hint(model)) from exc
         commit = resolved_revision(model, revision)
         log.info("loaded %s (revision %s, transformers %s)", model, commit, transformers.__version__)
@@ -118,13 +119,14 @@ class ClipSegSegmenter:
         """Sigmoid probabilities (N, P, T, T) for 0..1 RGB tiles (N, 3, T, T).
 
         On CUDA out-of-memory the batch is halved (down to one tile) before giving up, so a
-        ``--batch-size`` tuned on a bigger GPU still runs; the error propagates only at one tile.
+        ``--batch-size`` tuned on a bigger GPU still runs; at one tile it is raised as
+        :class:`ModelOutOfMemoryError`, which the scheduler reports as final (retrying cannot help).
         """
         try:
             return self._predict(tiles, embeddings)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as exc:
             if len(tiles) == 1:
-                raise
+                raise ModelOutOfMemoryError(f"out of memory on {self.device} at one tile: {exc}") from exc
             torch.cuda.empty_cache()
             half = len(tiles) // 2
             log.warning("CUDA out of memory at %d tiles per batch; retrying in halves", len(tiles))
@@ -198,7 +200,7 @@ class ClipSegSegmenter:
         """
         dec = self.model.decoder
         n, p = activations[0].shape[0], embeddings.shape[0]
-        out = None
+        out: torch.Tensor | None = None
         for i, (act, layer, reduce) in enumerate(zip(activations[::-1], dec.layers, dec.reduces)):
             r = reduce(act)
             if out is None:
@@ -213,7 +215,7 @@ class ClipSegSegmenter:
                 out = (mul * out[:, None] + add).flatten(0, 1)     # (N·P, L, R)
             out = layer(out, attention_mask=None)
             out = out[0] if isinstance(out, tuple) else out
-        if out.shape[0] != n * p:  # conditional_layer beyond the decoder's layers (not in CLIPSeg)
+        if out is None or out.shape[0] != n * p:  # conditional_layer beyond the decoder's layers (not in CLIPSeg)
             raise ValueError(f"decoder conditional_layer {dec.conditional_layer} is never reached")
         out = out[:, 1:, :].transpose(1, 2)  # drop the CLS token: (N·P, R, L-1)
         size = int(math.isqrt(out.shape[2]))

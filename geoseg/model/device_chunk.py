@@ -24,12 +24,14 @@ Memory: the normalised halo is 12 bytes per halo pixel (~230 MB at a 4096² chun
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import ModelOutOfMemoryError
 from ..tiling import Region, axis_weights
 
 #: Rows per upload band: small enough that the first batch starts early, large enough that a band
@@ -216,14 +218,15 @@ def blend_chunk(segmenter: Any, inp: ChunkInput, embeddings: Any, n_prompts: int
             part = inp.tiles[i:i + step]
             try:
                 probs = segmenter.predict_tensor(halo.tiles(part), embeddings)
-            except torch.cuda.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError as exc:
                 if step == 1:
-                    raise
+                    raise ModelOutOfMemoryError(f"out of memory on {device} at one tile: {exc}") from exc
                 torch.cuda.empty_cache()
                 step = max(1, step // 2)
                 continue
             for t, p in zip(part, probs):
                 inter = t.intersection(region)
+                assert inter is not None  # the chunk's tiles all touch it (tiles_touching)
                 in_tile, in_region = inter.slices(within=t), inter.slices(within=region)
                 w = weights(t)[in_tile]
                 acc[(slice(None), *in_region)] += p[(slice(None), *in_tile)] * w
