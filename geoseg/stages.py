@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -141,8 +141,9 @@ def infer_chunk(job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> ChunkInfer
     """
     start = time.perf_counter()
     segmenter = cached_segmenter(job.factory)
-    if isinstance(segmenter, TensorSegmenter):
-        probs = device_blend(segmenter, job, tiles, embeddings)
+    # duck-typed on the one method (a runtime Protocol check would also demand every attribute)
+    if callable(getattr(segmenter, "predict_tensor", None)):
+        probs = device_blend(cast(TensorSegmenter, segmenter), job, tiles, embeddings)
     else:
         probs = host_blend(segmenter, job, tiles, embeddings)
     # ``revision`` is part of the Segmenter protocol; a plug-in model that lacks it records None

@@ -14,6 +14,7 @@ class PerPixelSegmenter:
     """p_k(x) = sigmoid(gain * (w_k · rgb(x) - bias_k)); counts its predict calls."""
 
     calls = 0  # tiles seen in this process (for resume tests with an in-process cluster)
+    revision = None
 
     def __init__(self, weights, bias, gain=12.0):
         self.weights = np.asarray(weights, np.float32)  # (P, 3)
@@ -24,7 +25,7 @@ class PerPixelSegmenter:
         return list(range(len(prompts)))
 
     def predict(self, tiles, embeddings):
-        type(self).calls += len(tiles)
+        PerPixelSegmenter.calls += len(tiles)
         w, b = self.weights[embeddings], self.bias[embeddings]
         z = np.einsum("pc,nchw->nphw", w, tiles) - b[None, :, None, None]
         return (1.0 / (1.0 + np.exp(-self.gain * z))).astype(np.float32)
@@ -52,6 +53,7 @@ class TorchPerPixelSegmenter(PerPixelSegmenter):
     """The same model as a :class:`geoseg.model.TensorSegmenter`: it gets the device-resident chunk
     path (on the CPU here), so the invariants are checked on that path too."""
 
+    device_calls = 0  # tiles seen through predict_tensor: proves the device path ran
     pixel_mean = (0.0, 0.0, 0.0)  # (x - 0) / 1 == x exactly: the model sees the 0..1 tiles
     pixel_std = (1.0, 1.0, 1.0)
 
@@ -65,6 +67,7 @@ class TorchPerPixelSegmenter(PerPixelSegmenter):
         import torch
 
         PerPixelSegmenter.calls += len(pixels)
+        TorchPerPixelSegmenter.device_calls += len(pixels)
         w = torch.from_numpy(self.weights[embeddings])
         b = torch.from_numpy(self.bias[embeddings])
         z = torch.einsum("pc,nchw->nphw", w, pixels) - b[None, :, None, None]
