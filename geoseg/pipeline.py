@@ -21,7 +21,7 @@ from .export import write_vector
 from .model import SegmenterFactory, clipseg_factory
 from .pieces import Pieces, merge_seams, polygonize_chunk, read_pieces
 from .polygons import finalize
-from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
+from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, read_probabilities, write_cog, write_vrt
 from .rundir import (
     PARTS,
     PROBABILITIES,
@@ -69,7 +69,7 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     """
     info = inspect_raster(config.input, config.bands, config.crs, config.resolution)
     thresholds = config.vector.thresholds_for(len(config.prompts))
-    factory = segmenter_factory or clipseg_factory(config.model, config.revision, config.device)
+    factory = segmenter_factory or clipseg_factory(config.model, config.revision, config.device, config.compile)
     fp = fingerprint(config, info)
     run_dir = config.output
     done = prepare_run_dir(run_dir, fp, config.overwrite)
@@ -80,7 +80,7 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     # A raster without one valid pixel needs no chunk task: all-nodata COG, empty layer.
     worked = [] if info.all_masked else regions
     jobs = [ChunkJob(r, info, config.prompts, thresholds, config.tile_size, config.stride,
-                     config.batch_size, str(run_dir), fp, factory)
+                     config.batch_size, str(run_dir), fp, factory, config.dtype)
             for r in worked if r.name not in done]
     for name in done:
         manifest.chunks[name].status = "done (resumed)"
@@ -89,7 +89,7 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
         revisions = sorted({r.model_revision for r in results if r.model_revision})
         if revisions:
             manifest.model_revision = revisions[0] if len(revisions) == 1 else revisions
-        probs_path = assemble_probabilities(run_dir, worked, info, config.prompts)
+        probs_path = assemble_probabilities(run_dir, worked, info, config.prompts, config.dtype)
         pieces = [read_pieces(part_path(run_dir, r.name, ".pieces")) for r in worked]
         vec_path, features = write_polygons(run_dir, pieces, worked, info.transform, info.crs,
                                             config.prompts, config.vector)
@@ -127,10 +127,10 @@ def _run_jobs(jobs: Sequence[ChunkJob], config: SegmentConfig, client: Any, prog
 
 
 def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: RasterInfo,
-                           prompts: Sequence[str]) -> Path:
+                           prompts: Sequence[str], dtype: str = "float32") -> Path:
     """VRT of the chunk parts → COG with overviews (atomic)."""
     vrt = run_dir / PROBABILITIES_VRT
-    write_vrt(vrt, [(r, f"{PARTS}/{r.name}.tif") for r in regions], info, prompts)
+    write_vrt(vrt, [(r, f"{PARTS}/{r.name}.tif") for r in regions], info, prompts, dtype)
     out = run_dir / PROBABILITIES
     with bounded_gdal_cache():
         write_cog(vrt, out)
@@ -168,7 +168,7 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig) -> tuple[Path, int]:
     with bounded_gdal_cache(), rasterio.open(run_dir / PROBABILITIES) as src:
         transform, crs = src.transform, src.crs
         for r in regions:
-            probs = src.read(window=((r.row, r.row_stop), (r.col, r.col_stop)))
+            probs = read_probabilities(src, window=((r.row, r.row_stop), (r.col, r.col_stop)))
             valid = np.isfinite(probs).all(axis=0)
             pieces.append(polygonize_chunk(probs, valid, r.row, r.col, thresholds))
     path, features = write_polygons(run_dir, pieces, regions, transform, crs, prompts, vector)

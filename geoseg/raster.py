@@ -509,13 +509,58 @@ def to_model_rgb(data: np.ndarray, valid: np.ndarray, info: RasterInfo) -> tuple
 
 # -- output parts and assembly ---------------------------------------------------------------
 
+#: ``--dtype uint8`` stores round(p * 254): 0..254 are probabilities, 255 is nodata. Rounding to
+#: the nearest step moves a probability by at most 1 / 508, so a threshold on the stored values
+#: decides differently from the float32 probabilities only within 1/508 of it.
+UINT8_SCALE = 254
+UINT8_NODATA = 255
+PROBABILITY_DTYPES = ("float32", "uint8")
+
+
+def quantise(probs: np.ndarray) -> np.ndarray:
+    """Float32 probabilities (NaN = nodata) → uint8 ``round(p * 254)``, 255 where NaN."""
+    q = np.rint(np.nan_to_num(probs, nan=0.0) * np.float32(UINT8_SCALE)).astype(np.uint8)
+    q[np.isnan(probs)] = UINT8_NODATA
+    return q
+
+
+def dequantise(q: np.ndarray) -> np.ndarray:
+    """uint8 stored probabilities → float32 ``q / 254``, NaN where 255 (the inverse of :func:`quantise`
+    up to its rounding; every reader of a uint8 run goes through this one function)."""
+    out = q.astype(np.float32) / np.float32(UINT8_SCALE)
+    out[q == UINT8_NODATA] = np.nan
+    return out
+
+
+def read_probabilities(src, window=None, out_shape: tuple[int, int] | None = None,
+                       resampling: Resampling = Resampling.nearest) -> np.ndarray:
+    """(P, h, w) float32 probabilities with NaN as nodata from an open probability raster of either
+    dtype (float32 with NaN nodata, or uint8 ``round(p * 254)`` with 255 nodata).
+
+    ``window``/``out_shape``/``resampling`` are passed to ``src.read`` (a decimated read is served
+    from the COG's overviews). The one reader for vectorize, preview and evaluation.
+    """
+    kw: dict = dict(window=window, masked=True, resampling=resampling)
+    if out_shape is not None:
+        kw["out_shape"] = (src.count, *out_shape)
+    if src.dtypes[0] == "uint8":
+        if resampling == Resampling.nearest:  # exact stored values: the same dequantise as segment
+            data = src.read(**kw)
+            return dequantise(data.filled(UINT8_NODATA))
+        data = src.read(out_dtype="float32", **kw)  # averaged steps (overviews): scale the mean
+        return (data / np.float32(UINT8_SCALE)).filled(np.nan).astype(np.float32, copy=False)
+    return src.read(out_dtype="float32", **kw).filled(np.nan)
+
+
 def write_part(path: Path, probs: np.ndarray, info: RasterInfo, region: Region,
                prompts: Sequence[str]) -> None:
-    """Write one chunk's probabilities as a tiled GeoTIFF, atomically (temp name + os.replace)."""
+    """Write one chunk's probabilities (float32 with NaN, or uint8 from :func:`quantise`) as a tiled
+    GeoTIFF, atomically (temp name + os.replace)."""
+    byte = probs.dtype == np.uint8
     profile = dict(driver="GTiff", width=region.width, height=region.height, count=len(prompts),
-                   dtype="float32", crs=info.crs, transform=info.region_transform(region),
-                   nodata=float("nan"), tiled=True, blockxsize=256, blockysize=256,
-                   compress="zstd", zstd_level=1, predictor=3)  # an intermediate: fast beats small
+                   dtype="uint8" if byte else "float32", crs=info.crs, transform=info.region_transform(region),
+                   nodata=UINT8_NODATA if byte else float("nan"), tiled=True, blockxsize=256, blockysize=256,
+                   compress="zstd", zstd_level=1, predictor=2 if byte else 3)  # an intermediate: fast beats small
     with atomic_target(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(probs)
         for i, prompt in enumerate(prompts, start=1):
@@ -523,8 +568,9 @@ def write_part(path: Path, probs: np.ndarray, info: RasterInfo, region: Region,
 
 
 def write_vrt(path: Path, parts: Sequence[tuple[Region, str]], info: RasterInfo,
-              prompts: Sequence[str]) -> None:
+              prompts: Sequence[str], dtype: str = "float32") -> None:
     """A VRT mosaic of the chunk parts (paths relative to the VRT), the input's grid and CRS."""
+    gdal_type, nodata = ("Byte", str(UINT8_NODATA)) if dtype == "uint8" else ("Float32", "nan")
     bands = []
     for b, prompt in enumerate(prompts, start=1):
         sources = "".join(
@@ -533,8 +579,8 @@ def write_vrt(path: Path, parts: Sequence[tuple[Region, str]], info: RasterInfo,
             f'<SrcRect xOff="0" yOff="0" xSize="{r.width}" ySize="{r.height}"/>'
             f'<DstRect xOff="{r.col}" yOff="{r.row}" xSize="{r.width}" ySize="{r.height}"/></SimpleSource>'
             for r, name in parts)
-        bands.append(f'<VRTRasterBand dataType="Float32" band="{b}"><Description>{escape(prompt)}'
-                     f"</Description><NoDataValue>nan</NoDataValue>{sources}</VRTRasterBand>")
+        bands.append(f'<VRTRasterBand dataType="{gdal_type}" band="{b}"><Description>{escape(prompt)}'
+                     f"</Description><NoDataValue>{nodata}</NoDataValue>{sources}</VRTRasterBand>")
     gt = ", ".join(repr(v) for v in info.transform.to_gdal())
     xml = (f'<VRTDataset rasterXSize="{info.width}" rasterYSize="{info.height}">'
            f"<SRS>{escape(info.crs_wkt)}</SRS><GeoTransform>{gt}</GeoTransform>{''.join(bands)}</VRTDataset>")

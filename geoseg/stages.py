@@ -23,7 +23,17 @@ from .atomic import write_json_atomic
 from .blend import accumulate, new_accumulators, normalise
 from .model import Segmenter, SegmenterFactory, TensorSegmenter, cached_segmenter
 from .pieces import polygonize_chunk, write_pieces
-from .raster import RasterInfo, bounded_gdal_cache, open_input, read_window, stretch_table, to_model_rgb, write_part
+from .raster import (
+    RasterInfo,
+    bounded_gdal_cache,
+    dequantise,
+    open_input,
+    quantise,
+    read_window,
+    stretch_table,
+    to_model_rgb,
+    write_part,
+)
 from .rundir import part_path
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
 
@@ -45,6 +55,7 @@ class ChunkJob:
     run_dir: str
     fingerprint: str
     factory: SegmenterFactory
+    dtype: str = "float32"  # of probabilities.tif: float32, or uint8 = round(p * 254), 255 nodata
 
     def path(self, suffix: str) -> Path:
         return part_path(self.run_dir, self.region.name, suffix)
@@ -189,8 +200,13 @@ def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) ->
     start = time.perf_counter()
     region = job.region
     probs = inference.probs
+    if job.dtype == "uint8":  # polygons from the stored values, so `geoseg vectorize` finds the same ones
+        stored = quantise(probs)
+        probs = dequantise(stored)
+    else:
+        stored = probs
     with bounded_gdal_cache():
-        write_part(job.path(".tif"), probs, job.info, region, job.prompts)
+        write_part(job.path(".tif"), stored, job.info, region, job.prompts)
     own_valid = tiles.valid[region.slices(within=tiles.window)]
     pieces = polygonize_chunk(probs, own_valid, region.row, region.col, job.thresholds)
     write_pieces(job.path(".pieces"), pieces)
