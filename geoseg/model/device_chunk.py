@@ -23,6 +23,7 @@ Memory: the normalised halo is 12 bytes per halo pixel (~230 MB at a 4096² chun
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,7 +114,7 @@ class _Halo:
         self.events = []
         for r0, r1 in self.bands:  # one contiguous copy per band of rows per channel
             r1 = min(r1, h)
-            with torch.cuda.stream(self.stream) if self.cuda else _nullcontext():
+            with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
                 if r0 < r1:
                     for b in range(host[0].shape[0]):
                         self.raw[b, r0:r1].copy_(host[0][b, r0:r1], non_blocking=self.cuda)
@@ -165,14 +166,6 @@ class _Halo:
         if self.cuda:  # the copies must be finished before their pinned buffers may be reused
             self.stream.synchronize()
         self._host = []
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Weights:
