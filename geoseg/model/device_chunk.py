@@ -136,31 +136,34 @@ class _Halo:
 
     def _stretch(self, r0: int, r1: int) -> None:
         out = self.image[:, r0:r1]
-        out.zero_()  # padding beyond the raster (rasters smaller than a tile) is 0 before normalising
         v0, v1 = r0, min(r1, self.h)
+        if v1 - v0 < r1 - r0 or self.w < out.shape[2]:
+            out.zero_()  # padding beyond the raster (smaller than a tile) is 0 before normalising
         if v0 < v1:
             raw = self.raw[:, v0:v1]
-            if self.table is None:  # float rasters: stretched on the host
-                rgb = raw
+            if self.table is None:  # float rasters: stretched (and masked) on the host
+                out[:, : v1 - v0, : self.w] = raw
             else:
                 index = raw.to(torch.int32)
                 if self.mask_bits is not None:  # signed or int16-shipped values → unsigned bit pattern
                     index = index & self.mask_bits
                 if self.inp.palette:
-                    rgb = self.table[:, index[0].clamp(0, self.table.shape[1] - 1)]
-                else:
-                    rgb = torch.stack([t[i] for t, i in zip(self.table, index)])
-                if rgb.shape[0] == 1:
-                    rgb = rgb.expand(3, -1, -1)
-            valid = self.valid[v0:v1]
-            out[:, : v1 - v0, : self.w] = torch.where(valid, rgb, torch.zeros((), device=self.device))
+                    flat = index[0].clamp(0, self.table.shape[1] - 1).flatten()
+                    rgb = torch.stack([torch.index_select(t, 0, flat) for t in self.table])
+                else:  # index_select: a plain gather, 4x faster on CPU than advanced indexing
+                    rgb = torch.stack([torch.index_select(t, 0, i.flatten()) for t, i in zip(self.table, index)])
+                rgb = rgb.view(-1, v1 - v0, self.w).masked_fill_(~self.valid[v0:v1], 0.0)
+                out[:, : v1 - v0, : self.w] = rgb  # one band (grey) broadcasts to R, G, B
         out.sub_(self.mean).div_(self.std)
 
     def tiles(self, batch: Sequence[Region]) -> torch.Tensor:
         """(n, 3, T, T) normalised model input for global-grid tiles (halo-relative slices)."""
         t, (r0, c0) = self.inp.tile, (self.inp.window.row, self.inp.window.col)
         self.ensure_rows(max(b.row - r0 for b in batch) + t)
-        return torch.stack([self.image[:, b.row - r0:b.row - r0 + t, b.col - c0:b.col - c0 + t] for b in batch])
+        out = torch.empty((len(batch), 3, t, t), dtype=torch.float32, device=self.device)
+        for k, b in enumerate(batch):
+            out[k].copy_(self.image[:, b.row - r0:b.row - r0 + t, b.col - c0:b.col - c0 + t])
+        return out
 
     def release(self) -> None:
         if self.cuda:  # the copies must be finished before their pinned buffers may be reused
@@ -190,6 +193,26 @@ class _Weights:
         return self.cache[key]
 
 
+@contextlib.contextmanager
+def _threads(device: torch.device, n: int):
+    """On CPU, run the enclosed torch ops on ``n`` intra-op threads (then restore the setting).
+
+    The chunk path's bookkeeping is ~1,000 small ops (a tile copy, a weighted add) per chunk; on a
+    busy machine each multi-threaded op pays an OpenMP barrier that costs more than the op
+    (measured: a 352² weighted add 1 ms on one thread, 20 ms on two threads of a loaded 2-core
+    machine). The model keeps every thread; on CUDA this changes nothing.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.inference_mode()
 def blend_chunk(segmenter: Any, inp: ChunkInput, embeddings: Any, n_prompts: int,
                 batch: int | None = None) -> np.ndarray:
@@ -199,6 +222,13 @@ def blend_chunk(segmenter: Any, inp: ChunkInput, embeddings: Any, n_prompts: int
     (None: sized to device memory, see :func:`batch_size`).
     """
     device = torch.device(segmenter.device)
+    model_threads = torch.get_num_threads()
+    with _threads(device, 1):
+        return _blend_chunk(segmenter, inp, embeddings, n_prompts, batch, device, model_threads)
+
+
+def _blend_chunk(segmenter: Any, inp: ChunkInput, embeddings: Any, n_prompts: int, batch: int | None,
+                 device: torch.device, model_threads: int) -> np.ndarray:
     region, window = inp.region, inp.window
     halo = _Halo(inp, device, segmenter.pixel_mean, segmenter.pixel_std)
     weights = _Weights(inp.shape, inp.tile, inp.stride, device)
@@ -210,7 +240,9 @@ def blend_chunk(segmenter: Any, inp: ChunkInput, embeddings: Any, n_prompts: int
         while i < len(inp.tiles):
             part = inp.tiles[i:i + step]
             try:
-                probs = segmenter.predict_tensor(halo.tiles(part), embeddings)
+                x = halo.tiles(part)
+                with _threads(device, model_threads):
+                    probs = segmenter.predict_tensor(x, embeddings)
             except torch.cuda.OutOfMemoryError as exc:
                 if step == 1:
                     raise ModelOutOfMemoryError(f"out of memory on {device} at one tile: {exc}") from exc
@@ -227,7 +259,6 @@ def blend_chunk(segmenter: Any, inp: ChunkInput, embeddings: Any, n_prompts: int
             i += len(part)
         valid = halo.valid[region.slices(within=window)]
         ok = valid & (wsum > 0)
-        out = torch.where(ok, acc / wsum, torch.full((), math.nan, device=device))
-        return out.cpu().numpy()
+        return acc.div_(wsum).masked_fill_(~ok, math.nan).cpu().numpy()
     finally:
         halo.release()
