@@ -169,13 +169,16 @@ def matmul_peak(device: torch.device) -> float:
     n = 4096 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    sync(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 1.0:
-        a @ b
-        reps += 1
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(3):  # the best of three 1-second windows (a shared machine steals cycles)
+        sync(device)
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 1.0:
+            a @ b
+            reps += 1
+        sync(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+    return best
 
 
 def peak_flops(device: torch.device) -> tuple[float, str]:
