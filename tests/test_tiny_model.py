@@ -221,6 +221,9 @@ def test_segmenter_logits_match_stock_forward(tiny_dir, tiny_model, size):
             )
         assert out.logits.shape == (n, size, size)
         torch.testing.assert_close(emb[k].expand(n, -1), out.conditional_embeddings, rtol=0, atol=1e-5)
-        torch.testing.assert_close(fast[:, k], out.logits, rtol=0, atol=1e-5)
+        # 3e-5: geoseg's decoder runs all prompts in one N·P batch, so its GEMMs have other shapes
+        # than the stock per-prompt call and BLAS rounds their sums differently (measured max 1.03e-5
+        # on logits of unit scale); far below anything a 0..1 threshold can see.
+        torch.testing.assert_close(fast[:, k], out.logits, rtol=0, atol=3e-5)
     # the prompts really give different maps (the test is not vacuous)
     assert (fast[:, 0] - fast[:, 1]).abs().max() > 1e-3
