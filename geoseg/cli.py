@@ -113,8 +113,14 @@ def main(verbose, debug, progress_mode):
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) to pin the weights.")
 @click.option("--device", default="auto", show_default=True,
               help="auto picks CUDA, then Apple MPS, then CPU; or force cpu / cuda / cuda:1 / mps.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Tiles per model call. Larger is faster on a GPU until memory runs out.")
+@click.option("--batch-size", type=int, default=None,
+              help="Tiles per model call. Default: on CUDA as many as fit in half the free GPU memory "
+                   "(up to 256); 8 elsewhere.")
+@click.option("--dtype", type=click.Choice(["float32", "uint8"]), default="float32", show_default=True,
+              help="probabilities.tif data type. uint8 stores round(p x 254) with 255 as nodata: 4x smaller, "
+                   "probabilities within 1/508 (thresholds decide differently only within 1/508 of them).")
+@click.option("--compile", "compile_model", is_flag=True, default=False,
+              help="torch.compile the model (compiles once per worker; measure with bench/bench_gpu.py).")
 @click.option("--bands", callback=_ints, default=None,
               help="Bands to use as R,G,B (e.g. 4,3,2) or one band for grey. Default: by colour "
                    "interpretation, else the first three non-alpha bands.")
@@ -170,6 +176,7 @@ def segment(input, quiet, no_polygons, **kw):
     from .pipeline import segment as run
 
     vector = _vector_config(kw)
+    kw["compile"] = kw.pop("compile_model")
     config = SegmentConfig(input=input, vector=vector, polygons=not no_polygons, **kw)
     res = run(config, progress=not quiet)
     result(res.summary(), command="segment", run_dir=res.run_dir, probabilities=res.probabilities,

@@ -106,7 +106,11 @@ class SegmentConfig:
     model: str = DEFAULT_MODEL
     revision: str | None = None
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: int | None = None
+    #: probabilities.tif: float32 (NaN nodata) or uint8 = round(p * 254), 255 nodata (4x smaller)
+    dtype: str = "float32"
+    #: torch.compile the model (speed only; off by default, see bench/bench_gpu.py --compile)
+    compile: bool = False
     bands: tuple[int, ...] = ()
     crs: str | None = None
     resolution: float | None = None
@@ -146,7 +150,9 @@ class SegmentConfig:
             raise ConfigError(f"prompts must be distinct, got {list(self.prompts)}")
         if self.bands and (len(self.bands) not in (1, 3) or min(self.bands) < 1):
             raise ConfigError(f"--bands takes 1 or 3 band numbers counted from 1, got {list(self.bands)}")
-        if self.batch_size < 1:
+        if self.dtype not in ("float32", "uint8"):
+            raise ConfigError(f"dtype must be 'float32' or 'uint8', got {self.dtype!r}")
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0 < self.stride <= self.tile_size:
             raise ConfigError(f"stride must be in 1..tile size ({self.tile_size}), got {self.stride}")
@@ -179,6 +185,6 @@ class SegmentConfig:
             "input": self.input, "prompts": list(self.prompts), "model": self.model,
             "revision": self.revision, "bands": list(self.bands), "crs": self.crs,
             "resolution": self.resolution, "tile_size": self.tile_size, "stride": self.stride,
-            "chunk_size": self.chunk_size, "threshold": list(self.vector.threshold),
+            "chunk_size": self.chunk_size, "threshold": list(self.vector.threshold), "dtype": self.dtype,
             "negatives": list(self.negatives), "exemplar_weight": self.exemplar_weight, "classes": self.classes,
         }

@@ -44,6 +44,7 @@ import numpy as np
 
 from .atomic import atomic_target
 from .errors import ConfigError, OutputExistsError, ReferenceDataError, first_line
+from .raster import read_probabilities
 from .rundir import EVALUATION
 
 log = logging.getLogger(__name__)
@@ -608,7 +609,7 @@ def compute(run: RunInputs, config: EvaluateConfig) -> EvaluationResult:
                 # the cache cap only around reads: rasterize sizes its row chunks by GDAL's cache,
                 # and each chunk re-scans every shape (10x slower for 600 boxes under the cap)
                 with bounded_gdal_cache():
-                    probs = src.read([b + 1 for b in bands], window=win)
+                    probs = read_probabilities(src, window=win)[list(bands)]  # float32 or uint8 runs
                 for k, prompt in enumerate(mapping):
                     near = prompt_geoms[prompt][trees[prompt].query(cell, predicate="intersects")]
                     mask = (rasterize([(g, 1) for g in near], out_shape=(h, w), transform=wt, fill=0,

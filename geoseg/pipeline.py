@@ -26,7 +26,7 @@ from .model import SegmenterFactory, clipseg_factory
 from .modelcard import read_model_card
 from .pieces import Pieces, polygonize_chunk
 from .prompts import PromptPlan, build_plan, embeddings_sha256
-from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, write_cog, write_vrt
+from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, read_probabilities, write_cog, write_vrt
 from .rundir import (
     CLASS_PART,
     PARTS,
@@ -103,7 +103,7 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     """
     info = inspect_raster(config.input, config.bands, config.crs, config.resolution)
     thresholds = config.vector.thresholds_for(len(config.prompts))
-    factory = segmenter_factory or clipseg_factory(config.model, config.revision, config.device)
+    factory = segmenter_factory or clipseg_factory(config.model, config.revision, config.device, config.compile)
     plan = build_plan(config, info)  # exemplars are read (and refused) before anything is written
     _check_card_templates(config.model, plan)
     fp = fingerprint(config, info, plan)
@@ -119,7 +119,8 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     # A raster without one valid pixel needs no chunk task: all-nodata COG, empty layer.
     worked = [] if info.all_masked else regions
     jobs = [ChunkJob(r, info, config.prompts, thresholds, config.tile_size, config.stride,
-                     config.batch_size, str(run_dir), fp, factory, plan.applies, config.classes, vjob)
+                     config.batch_size, str(run_dir), fp, factory, plan.applies, config.classes, vjob,
+                     config.dtype)
             for r in worked if r.name not in done]
     for name in done:
         manifest.chunks[name].status = "done (resumed)"
@@ -138,7 +139,7 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
             revisions = sorted({r.model_revision for r in results if r.model_revision})
             if revisions:
                 manifest.model_revision = revisions[0] if len(revisions) == 1 else revisions
-            probs_path = assemble_probabilities(run_dir, worked, info, config.prompts, progress)
+            probs_path = assemble_probabilities(run_dir, worked, info, config.prompts, progress, config.dtype)
             outputs = {"probabilities": probs_path.name}
             if config.classes:
                 outputs["classes"] = write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in worked],
@@ -182,7 +183,7 @@ def ensure_chunk_polygons(run_dir: Path, region: Region, vjob: VectorJob, info: 
     import rasterio
 
     with bounded_gdal_cache(), rasterio.open(part_path(run_dir, region.name, ".tif")) as src:
-        probs = src.read()
+        probs = read_probabilities(src)
     valid = np.isfinite(probs).all(axis=0)
     if vjob.exclusive:
         labels = class_map(probs, valid, vjob.thresholds)
@@ -228,10 +229,10 @@ def _embedding_record(plan: PromptPlan, embeddings: Any, seconds: float) -> dict
 
 
 def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: RasterInfo,
-                           prompts: Sequence[str], progress: bool = False) -> Path:
+                           prompts: Sequence[str], progress: bool = False, dtype: str = "float32") -> Path:
     """VRT of the chunk parts → COG with overviews (atomic), with a ticking progress line."""
     vrt = run_dir / PROBABILITIES_VRT
-    write_vrt(vrt, [(r, f"{PARTS}/{r.name}.tif") for r in regions], info, prompts)
+    write_vrt(vrt, [(r, f"{PARTS}/{r.name}.tif") for r in regions], info, prompts, dtype)
     out = run_dir / PROBABILITIES
     stem = Path(PROBABILITIES).stem
 
@@ -282,7 +283,7 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = Fal
             from tqdm.auto import tqdm
 
             for r in tqdm(regions, unit="chunk", desc="vectorize", disable=not progress):
-                probs = src.read(window=((r.row, r.row_stop), (r.col, r.col_stop)))
+                probs = read_probabilities(src, window=((r.row, r.row_stop), (r.col, r.col_stop)))
                 valid = np.isfinite(probs).all(axis=0)
                 if classes:  # the class map follows the new thresholds too
                     labels = class_map(probs, valid, thresholds)

@@ -29,7 +29,7 @@ import numpy as np
 from .atomic import atomic_target
 from .errors import ConfigError, GeosegError, NotARunError, first_line
 from .export import prompt_colors
-from .raster import inspect_raster, open_input, to_model_rgb
+from .raster import inspect_raster, open_input, read_probabilities, to_model_rgb
 from .rundir import MANIFEST, POLYGONS, PROBABILITIES, RunManifest, load_finished_run
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,9 @@ def _probabilities(path: Path, shape: tuple[int, int]):
 
     with rasterio.open(path) as src:
         down = src.height > shape[0] or src.width > shape[1]
-        probs = src.read(out_shape=(src.count, *shape), out_dtype="float32",
-                         resampling=Resampling.average if down else Resampling.nearest, masked=True)
-        return probs.filled(np.nan), src.transform, src.crs, (src.height, src.width)
+        probs = read_probabilities(src, out_shape=shape,
+                                   resampling=Resampling.average if down else Resampling.nearest)
+        return probs, src.transform, src.crs, (src.height, src.width)
 
 
 def _tint(base: np.ndarray, probs: np.ndarray, colors) -> np.ndarray:

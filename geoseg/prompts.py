@@ -27,6 +27,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -197,20 +198,25 @@ def embeddings_sha256(embeddings: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(embeddings, np.float32).tobytes()).hexdigest()
 
 
-def apply_negatives(probs: np.ndarray, applies: Sequence[Sequence[int]]) -> np.ndarray:
+def apply_negatives(probs: Any, applies: Sequence[Sequence[int]]) -> Any:
     """(N, P + Q, H, W) model probabilities → (N, P, H, W): ``p_k * (1 - max_j p_neg_j)``.
 
     ``applies[k]`` lists the negatives (0..Q-1, rows P + j) that apply to prompt ``k``; a prompt
-    without negatives is passed through unchanged (bit for bit).
+    without negatives is passed through unchanged (bit for bit). Works on numpy arrays (host path)
+    and torch tensors (device path) alike: the max is taken with a mask product, exact for both.
     """
     n_pos = len(applies)
     out = probs[:, :n_pos]
     if probs.shape[1] == n_pos:
         return out
-    out = out.copy()
+    out = out.clone() if hasattr(out, "clone") else out.copy()
     for k, negs in enumerate(applies):
         if negs:
-            strongest = probs[:, [n_pos + j for j in negs]].max(axis=1)
+            strongest = probs[:, n_pos + negs[0]]
+            for j in negs[1:]:
+                other = probs[:, n_pos + j]
+                larger = other > strongest
+                strongest = other * larger + strongest * ~larger  # one term is exactly 0
             out[:, k] *= 1.0 - strongest
     return out
 

@@ -461,19 +461,43 @@ def read_window(src, info: RasterInfo, region: Region) -> tuple[np.ndarray, np.n
     return data, valid
 
 
+def stretch_table(info: RasterInfo, dtype) -> np.ndarray | None:
+    """The run's whole stretch as a look-up table, or None where values need arithmetic (floats,
+    32/64-bit integers).
+
+    Palette: (3, K) float32 0..1, indexed by ``clip(value, 0, K - 1)`` of band 1. 8/16-bit
+    integers: (B, 2**bits) float32 0..1, indexed per band by the value's unsigned bit pattern.
+    :func:`to_model_rgb` and the device chunk path both index this one table, so they give the
+    same model input bit for bit.
+    """
+    dt = np.dtype(dtype)
+    if info.palette is not None:
+        return _palette_table(info.palette)
+    if dt.itemsize <= 2 and dt.kind in "ui":
+        return np.stack([_stretch_lut(dt.str, so, st) for so, st in zip(info.scale_offset, info.stretch)])
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _palette_table(palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    table = np.ascontiguousarray((np.asarray(palette, dtype=np.float32) / 255.0).T)
+    table.setflags(write=False)
+    return table
+
+
 def to_model_rgb(data: np.ndarray, valid: np.ndarray, info: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
     """Raw bands (B, h, w) → (3, h, w) float32 0..1 through the palette or the run's global stretch.
 
     NaN pixels are cleared from ``valid``; masked pixels are 0 in the image.
     """
+    table = stretch_table(info, data.dtype)
     if info.palette is not None:
-        lut = np.asarray(info.palette, dtype=np.float32)
-        rgb = np.moveaxis(lut[np.clip(data[0], 0, len(lut) - 1)], -1, 0) / 255.0
-    elif data.dtype.itemsize <= 2 and data.dtype.kind in "ui":
+        palette = _palette_table(info.palette)
+        rgb = palette[:, np.clip(data[0], 0, palette.shape[1] - 1)]
+    elif table is not None:
         # 8/16-bit integers: one table look-up per pixel instead of five float passes (3x faster)
         index = data.view(np.uint8 if data.dtype.itemsize == 1 else np.uint16)
-        rgb = np.stack([_stretch_lut(data.dtype.str, so, st)[band]
-                        for band, so, st in zip(index, info.scale_offset, info.stretch)])
+        rgb = np.stack([t[band] for t, band in zip(table, index)])
         if rgb.shape[0] == 1:
             rgb = np.repeat(rgb, 3, axis=0)
     else:
@@ -491,13 +515,58 @@ def to_model_rgb(data: np.ndarray, valid: np.ndarray, info: RasterInfo) -> tuple
 
 # -- output parts and assembly ---------------------------------------------------------------
 
+#: ``--dtype uint8`` stores round(p * 254): 0..254 are probabilities, 255 is nodata. Rounding to
+#: the nearest step moves a probability by at most 1 / 508, so a threshold on the stored values
+#: decides differently from the float32 probabilities only within 1/508 of it.
+UINT8_SCALE = 254
+UINT8_NODATA = 255
+PROBABILITY_DTYPES = ("float32", "uint8")
+
+
+def quantise(probs: np.ndarray) -> np.ndarray:
+    """Float32 probabilities (NaN = nodata) → uint8 ``round(p * 254)``, 255 where NaN."""
+    q = np.rint(np.nan_to_num(probs, nan=0.0) * np.float32(UINT8_SCALE)).astype(np.uint8)
+    q[np.isnan(probs)] = UINT8_NODATA
+    return q
+
+
+def dequantise(q: np.ndarray) -> np.ndarray:
+    """uint8 stored probabilities → float32 ``q / 254``, NaN where 255 (the inverse of :func:`quantise`
+    up to its rounding; every reader of a uint8 run goes through this one function)."""
+    out = q.astype(np.float32) / np.float32(UINT8_SCALE)
+    out[q == UINT8_NODATA] = np.nan
+    return out
+
+
+def read_probabilities(src, window=None, out_shape: tuple[int, int] | None = None,
+                       resampling: Resampling = Resampling.nearest) -> np.ndarray:
+    """(P, h, w) float32 probabilities with NaN as nodata from an open probability raster of either
+    dtype (float32 with NaN nodata, or uint8 ``round(p * 254)`` with 255 nodata).
+
+    ``window``/``out_shape``/``resampling`` are passed to ``src.read`` (a decimated read is served
+    from the COG's overviews). The one reader for vectorize, preview and evaluation.
+    """
+    kw: dict = dict(window=window, masked=True, resampling=resampling)
+    if out_shape is not None:
+        kw["out_shape"] = (src.count, *out_shape)
+    if src.dtypes[0] == "uint8":
+        if resampling == Resampling.nearest:  # exact stored values: the same dequantise as segment
+            data = src.read(**kw)
+            return dequantise(data.filled(UINT8_NODATA))
+        data = src.read(out_dtype="float32", **kw)  # averaged steps (overviews): scale the mean
+        return (data / np.float32(UINT8_SCALE)).filled(np.nan).astype(np.float32, copy=False)
+    return src.read(out_dtype="float32", **kw).filled(np.nan)
+
+
 def write_part(path: Path, probs: np.ndarray, info: RasterInfo, region: Region,
                prompts: Sequence[str]) -> None:
-    """Write one chunk's probabilities as a tiled GeoTIFF, atomically (temp name + os.replace)."""
+    """Write one chunk's probabilities (float32 with NaN, or uint8 from :func:`quantise`) as a tiled
+    GeoTIFF, atomically (temp name + os.replace)."""
+    byte = probs.dtype == np.uint8
     profile = dict(driver="GTiff", width=region.width, height=region.height, count=len(prompts),
-                   dtype="float32", crs=info.crs, transform=info.region_transform(region),
-                   nodata=float("nan"), tiled=True, blockxsize=256, blockysize=256,
-                   compress="zstd", zstd_level=1, predictor=3)  # an intermediate: fast beats small
+                   dtype="uint8" if byte else "float32", crs=info.crs, transform=info.region_transform(region),
+                   nodata=UINT8_NODATA if byte else float("nan"), tiled=True, blockxsize=256, blockysize=256,
+                   compress="zstd", zstd_level=1, predictor=2 if byte else 3)  # an intermediate: fast beats small
     with atomic_target(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(probs)
         for i, prompt in enumerate(prompts, start=1):
@@ -505,8 +574,9 @@ def write_part(path: Path, probs: np.ndarray, info: RasterInfo, region: Region,
 
 
 def write_vrt(path: Path, parts: Sequence[tuple[Region, str]], info: RasterInfo,
-              prompts: Sequence[str]) -> None:
+              prompts: Sequence[str], dtype: str = "float32") -> None:
     """A VRT mosaic of the chunk parts (paths relative to the VRT), the input's grid and CRS."""
+    gdal_type, nodata = ("Byte", str(UINT8_NODATA)) if dtype == "uint8" else ("Float32", "nan")
     bands = []
     for b, prompt in enumerate(prompts, start=1):
         sources = "".join(
@@ -515,8 +585,8 @@ def write_vrt(path: Path, parts: Sequence[tuple[Region, str]], info: RasterInfo,
             f'<SrcRect xOff="0" yOff="0" xSize="{r.width}" ySize="{r.height}"/>'
             f'<DstRect xOff="{r.col}" yOff="{r.row}" xSize="{r.width}" ySize="{r.height}"/></SimpleSource>'
             for r, name in parts)
-        bands.append(f'<VRTRasterBand dataType="Float32" band="{b}"><Description>{escape(prompt)}'
-                     f"</Description><NoDataValue>nan</NoDataValue>{sources}</VRTRasterBand>")
+        bands.append(f'<VRTRasterBand dataType="{gdal_type}" band="{b}"><Description>{escape(prompt)}'
+                     f"</Description><NoDataValue>{nodata}</NoDataValue>{sources}</VRTRasterBand>")
     gt = ", ".join(repr(v) for v in info.transform.to_gdal())
     xml = (f'<VRTDataset rasterXSize="{info.width}" rasterYSize="{info.height}">'
            f"<SRS>{escape(info.crs_wkt)}</SRS><GeoTransform>{gt}</GeoTransform>{''.join(bands)}</VRTDataset>")

@@ -100,13 +100,13 @@ def run_stage(stage: Callable[..., Any], job: ChunkJob, *inputs: Any, io_retries
             time.sleep(min(0.5 * 2 ** attempt, 8.0))
         except ModelOutOfMemoryError as exc:  # before GeosegError: it is one, and gets its own advice
             return ChunkError(ChunkFailedError(
-                f"chunk {describe(job)} ran out of GPU memory at batch size {job.batch_size}: "
+                f"chunk {describe(job)} ran out of GPU memory at batch size {job.batch_size or 'auto'}: "
                 f"{first_line(exc)}; lower --batch-size, or use GPUs with more memory"))
         except GeosegError as exc:
             return ChunkError(exc)
         except MemoryError as exc:
             return ChunkError(ChunkFailedError(
-                f"chunk {describe(job)} ran out of memory (batch size {job.batch_size}): {exc}; "
+                f"chunk {describe(job)} ran out of memory (batch size {job.batch_size or 'auto'}): {exc}; "
                 "lower --batch-size or --chunk-size, or give the workers more memory"))
     raise AssertionError("unreachable")  # itertools.count() never ends
 

@@ -9,26 +9,40 @@ never pixel arrays). How the tasks are submitted is :mod:`geoseg.scheduling`'s b
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from .atomic import write_json_atomic
 from .blend import accumulate, new_accumulators, normalise
 from .classes import class_map, exclusive, write_class_part
-from .model import SegmenterFactory, cached_segmenter
+from .model import Segmenter, SegmenterFactory, TensorSegmenter, cached_segmenter
 from .pieces import polygonize_chunk
 from .prompts import apply_negatives
-from .raster import RasterInfo, bounded_gdal_cache, open_input, read_window, to_model_rgb, write_part
+from .raster import (
+    RasterInfo,
+    bounded_gdal_cache,
+    dequantise,
+    open_input,
+    quantise,
+    read_window,
+    stretch_table,
+    to_model_rgb,
+    write_part,
+)
 from .rundir import CLASS_PART, part_path
 from .streaming import VectorJob, write_chunk_polygons
 from .tiling import Region, aligned_chunk, chunk_regions, halo, tile_weights, tiles_touching
+
+#: Tiles per model call on the host path when no --batch-size is given.
+HOST_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -41,7 +55,7 @@ class ChunkJob:
     thresholds: tuple[float, ...]
     tile_size: int
     stride: int
-    batch_size: int
+    batch_size: int | None  # None: sized to device memory (CUDA) or HOST_BATCH
     run_dir: str
     fingerprint: str
     factory: SegmenterFactory
@@ -51,9 +65,15 @@ class ChunkJob:
     classes: bool = False
     #: How to make the chunk's polygons; None: probabilities only (``--no-polygons``).
     vector: VectorJob | None = None
+    dtype: str = "float32"  # of probabilities.tif: float32, or uint8 = round(p * 254), 255 nodata
 
     def path(self, suffix: str) -> Path:
         return part_path(self.run_dir, self.region.name, suffix)
+
+    @property
+    def applies(self) -> tuple[tuple[int, ...], ...]:
+        """Per prompt, the negatives that apply to it (none when the run has no negatives)."""
+        return self.negatives or tuple(() for _ in self.prompts)
 
 
 @dataclass(frozen=True)
@@ -114,9 +134,9 @@ class ChunkTiles:
 
 @dataclass(frozen=True)
 class ChunkInference:
-    """Output of the inference stage: per-tile probabilities and where they were computed."""
+    """Output of the inference stage: the chunk's blended probabilities and where they were computed."""
 
-    probs: np.ndarray          # (N, P, T, T) float32
+    probs: np.ndarray          # (P, h, w) float32 over the chunk's own region, NaN where masked
     worker: str
     model_revision: str | None
     seconds: float
@@ -138,19 +158,33 @@ def read_chunk(job: ChunkJob) -> ChunkTiles:
 
 
 def infer_chunk(job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> ChunkInference:
-    """GPU stage (the only one that carries ``resources={"GPU": 1}``): the model over the tiles,
-    ``batch_size`` at a time. The process's model is loaded once and kept (``cached_segmenter``)."""
+    """GPU stage (the only one that carries ``resources={"GPU": 1}``): the model over the tiles and
+    the blend. The process's model is loaded once and kept (``cached_segmenter``).
+
+    A :class:`~geoseg.model.TensorSegmenter` (CLIPSeg) gets the device-resident path: the raw halo
+    goes to its device once and only the blended chunk comes back. Other segmenters get numpy
+    tiles, ``batch_size`` at a time, blended on the CPU; both give the same blend.
+    """
     start = time.perf_counter()
     segmenter = cached_segmenter(job.factory)
-    n = len(tiles.tiles)
-    probs = np.empty((n, len(job.prompts), job.tile_size, job.tile_size), np.float32)
-    applies = job.negatives or tuple(() for _ in job.prompts)
-    for i, batch in zip(range(0, n, job.batch_size), tiles.batches(job.info, job.batch_size)):
-        # negatives ran in the same call (extra embedding rows); one band per prompt remains
-        probs[i:i + len(batch)] = apply_negatives(segmenter.predict(batch, embeddings), applies)
+    # duck-typed on the one method (a runtime Protocol check would also demand every attribute)
+    if callable(getattr(segmenter, "predict_tensor", None)):
+        probs = device_blend(cast(TensorSegmenter, segmenter), job, tiles, embeddings)
+    else:
+        probs = host_blend(segmenter, job, tiles, embeddings)
     # ``revision`` is part of the Segmenter protocol; a plug-in model that lacks it records None
     revision = getattr(segmenter, "revision", None)
     return ChunkInference(probs, f"{socket.gethostname()}:{os.getpid()}", revision, time.perf_counter() - start)
+
+
+def host_blend(segmenter: Segmenter, job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> np.ndarray:
+    """Numpy tiles through ``segmenter.predict``, blended on the CPU: (P, h, w)."""
+    n, batch = len(tiles.tiles), job.batch_size or HOST_BATCH
+    probs = np.empty((n, len(job.prompts), job.tile_size, job.tile_size), np.float32)
+    for i, x in zip(range(0, n, batch), tiles.batches(job.info, batch)):
+        # negatives ran in the same call (extra embedding rows); one band per prompt remains
+        probs[i:i + len(x)] = apply_negatives(segmenter.predict(x, embeddings), job.applies)
+    return blend_tiles(tiles, probs, job.region, job.info, job.tile_size, job.stride)
 
 
 def blend_tiles(tiles: ChunkTiles, probs: np.ndarray, region: Region, info: RasterInfo, tile_size: int,
@@ -162,15 +196,35 @@ def blend_tiles(tiles: ChunkTiles, probs: np.ndarray, region: Region, info: Rast
     return normalise(acc, wsum, tiles.valid[region.slices(within=tiles.window)])
 
 
+def device_blend(segmenter: TensorSegmenter, job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> np.ndarray:
+    """The device-resident path (:mod:`geoseg.model.device_chunk`, imports torch): (P, h, w)."""
+    from .model.device_chunk import ChunkInput, blend_chunk
+
+    info = job.info
+    table = stretch_table(info, tiles.data.dtype)
+    data, valid = tiles.data, tiles.valid
+    if table is None:  # float / 32-bit data: the stretch is arithmetic, done here on the host
+        data, valid = to_model_rgb(data, valid, info)
+    inp = ChunkInput(data, valid, table, info.palette is not None, tiles.window, tiles.tiles, job.region,
+                     (info.height, info.width), job.tile_size, job.stride)
+    return blend_chunk(segmenter, inp, embeddings, len(job.prompts), job.batch_size,
+                       post=functools.partial(apply_negatives, applies=job.applies))
+
+
 def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) -> ChunkResult:
     """CPU stage: blend, write the probability part, polygonize the chunk's own region (its final
     polygons and its seam pieces, :func:`geoseg.streaming.write_chunk_polygons`), and write the
     done-record last (its presence is what makes the chunk count as finished)."""
     start = time.perf_counter()
     region = job.region
-    probs = blend_tiles(tiles, inference.probs, region, job.info, job.tile_size, job.stride)
+    probs = inference.probs
+    if job.dtype == "uint8":  # polygons from the stored values, so `geoseg vectorize` finds the same ones
+        stored = quantise(probs)
+        probs = dequantise(stored)
+    else:
+        stored = probs
     with bounded_gdal_cache():
-        write_part(job.path(".tif"), probs, job.info, region, job.prompts)
+        write_part(job.path(".tif"), stored, job.info, region, job.prompts)
     own_valid = tiles.valid[region.slices(within=tiles.window)]
     if job.classes:
         labels = class_map(probs, own_valid & np.isfinite(probs).all(axis=0), job.thresholds)

@@ -14,6 +14,7 @@ class PerPixelSegmenter:
     """p_k(x) = sigmoid(gain * (w_k · rgb(x) - bias_k)); counts its predict calls."""
 
     calls = 0  # tiles seen in this process (for resume tests with an in-process cluster)
+    revision = None
 
     def __init__(self, weights, bias, gain=12.0):
         self.weights = np.asarray(weights, np.float32)  # (P, 3)
@@ -24,7 +25,7 @@ class PerPixelSegmenter:
         return list(range(len(prompts)))
 
     def predict(self, tiles, embeddings):
-        type(self).calls += len(tiles)
+        PerPixelSegmenter.calls += len(tiles)
         w, b = self.weights[embeddings], self.bias[embeddings]
         z = np.einsum("pc,nchw->nphw", w, tiles) - b[None, :, None, None]
         return (1.0 / (1.0 + np.exp(-self.gain * z))).astype(np.float32)
@@ -48,6 +49,39 @@ class PerPixelFactory:
         return PerPixelSegmenter(self.weights, self.bias, self.gain)
 
 
+class TorchPerPixelSegmenter(PerPixelSegmenter):
+    """The same model as a :class:`geoseg.model.TensorSegmenter`: it gets the device-resident chunk
+    path (on the CPU here), so the invariants are checked on that path too."""
+
+    device_calls = 0  # tiles seen through predict_tensor: proves the device path ran
+    pixel_mean = (0.0, 0.0, 0.0)  # (x - 0) / 1 == x exactly: the model sees the 0..1 tiles
+    pixel_std = (1.0, 1.0, 1.0)
+
+    def __init__(self, *args, **kw):
+        import torch
+
+        super().__init__(*args, **kw)
+        self.device = torch.device("cpu")
+
+    def predict_tensor(self, pixels, embeddings):
+        import torch
+
+        PerPixelSegmenter.calls += len(pixels)
+        TorchPerPixelSegmenter.device_calls += len(pixels)
+        w = torch.from_numpy(self.weights[embeddings])
+        b = torch.from_numpy(self.bias[embeddings])
+        z = torch.einsum("pc,nchw->nphw", w, pixels) - b[None, :, None, None]
+        return torch.sigmoid(float(self.gain) * z)
+
+
+class TorchPerPixelFactory(PerPixelFactory):
+    def key(self):
+        return ("torch-perpixel", self.weights, self.bias, self.gain)
+
+    def __call__(self):
+        return TorchPerPixelSegmenter(self.weights, self.bias, self.gain)
+
+
 class ZeroCostSegmenter:
     """Returns zeros at once: measures pipeline overhead (bench only)."""
 
@@ -64,6 +98,41 @@ class ZeroCostFactory:
 
     def __call__(self):
         return ZeroCostSegmenter()
+
+
+class TensorZeroCostSegmenter:
+    """Zeros on the device path: measures the device-resident chunk path's own cost (bench only)."""
+
+    pixel_mean = (0.485, 0.456, 0.406)  # normalise like CLIPSeg, so the bench pays for it
+    pixel_std = (0.229, 0.224, 0.225)
+    revision = None
+
+    def __init__(self, device="cpu"):
+        import torch
+
+        self.device = torch.device(device)
+
+    def encode_prompts(self, prompts):
+        return len(prompts)
+
+    def predict(self, tiles, embeddings):
+        return np.zeros((tiles.shape[0], embeddings, *tiles.shape[2:]), np.float32)
+
+    def predict_tensor(self, pixels, embeddings):
+        import torch
+
+        return torch.zeros((pixels.shape[0], embeddings, *pixels.shape[2:]), device=pixels.device)
+
+
+class TensorZeroCostFactory:
+    def __init__(self, device="cpu"):
+        self.device = device
+
+    def key(self):
+        return ("tensor-zero", self.device)
+
+    def __call__(self):
+        return TensorZeroCostSegmenter(self.device)
 
 
 # -- position-dependent models: a per-pixel model cannot tell a feathered blend from a plain average

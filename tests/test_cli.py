@@ -117,8 +117,9 @@ def test_help_explains_every_option_with_defaults():
     text = " ".join(result.output.split())
     for opt in ("--prompt", "--output", "--model", "--revision", "--device", "--batch-size", "--bands", "--crs",
                 "--resolution", "--tile-size", "--stride", "--chunk-size", "--workers", "--scheduler",
-                "--overwrite", "--threshold", "--min-area", "--simplify", "--fill-holes", "--dst-crs", "--format"):
+                "--overwrite", "--threshold", "--min-area", "--simplify", "--fill-holes", "--dst-crs", "--format",
+                "--dtype", "--compile"):
         assert opt in text
     for default in ("default: CIDAS/clipseg-rd64-refined", "default: 352", "default: 264", "default: 4096",
-                    "default: 8", "default: auto", "default: 0.5"):
+                    "8 elsewhere", "default: float32", "default: auto", "default: 0.5"):
         assert default in text, default

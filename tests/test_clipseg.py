@@ -21,8 +21,9 @@ def test_encoder_runs_once_per_tile_and_stops_after_last_read_layer(tiny_model_d
     calls = [0] * len(layers)
     hooks = [layer.register_forward_hook(lambda m, i, o, k=k: calls.__setitem__(k, calls[k] + len(i[0])))
              for k, layer in enumerate(layers)]
-    decoder_calls = []
-    hooks.append(seg.model.decoder.register_forward_hook(lambda m, i, o: decoder_calls.append(1)))
+    decoder_layer_calls = []  # samples through the decoder's last attention layer, per call
+    hooks.append(seg.model.decoder.layers[-1].register_forward_hook(
+        lambda m, i, o: decoder_layer_calls.append(len(i[0]))))
     try:
         emb = seg.encode_prompts(PROMPTS)
         tiles = np.random.default_rng(0).random((4, 3, 352, 352), dtype=np.float32)
@@ -32,7 +33,7 @@ def test_encoder_runs_once_per_tile_and_stops_after_last_read_layer(tiny_model_d
             h.remove()
     assert probs.shape == (4, 3, 352, 352) and probs.dtype == np.float32
     assert calls == [4, 4, 4, 4, 0]  # each tile once through layers 0..3; layer 4 feeds nothing
-    assert len(decoder_calls) == len(PROMPTS)
+    assert decoder_layer_calls == [4 * len(PROMPTS)]  # one batched decoder pass over N·P samples
 
 
 def test_predict_equals_stock_pipeline(tiny_model_dir):
@@ -68,6 +69,32 @@ def test_missing_model_is_a_geoseg_error(tmp_path, monkeypatch):
     with pytest.raises(geoseg.ModelLoadError, match="cannot load model") as err:
         ClipSegSegmenter.load(str(tmp_path / "nowhere"))
     assert isinstance(err.value, OSError)
+
+
+def test_batched_decoder_equals_one_decoder_call_per_prompt(tiny_model_dir):
+    """decode() runs all prompts in one N·P batch; it must equal the stock decoder once per prompt.
+
+    Tolerance: the batched path multiplies the same float32 numbers, but BLAS may block an
+    (N·P)-row GEMM differently from an N-row one, so sums can differ in the last bits; 1e-5 on
+    logits of magnitude ~1 is a few hundred float32 ulps, far below anything a threshold sees.
+    """
+    seg = ClipSegSegmenter.load(str(tiny_model_dir), device="cpu")
+    emb = seg.encode_prompts(PROMPTS)
+    pixels = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 3, 352, 352), dtype=np.float32))
+    with torch.inference_mode():
+        acts = seg.activations(pixels)
+        batched = seg.decode(acts, emb)
+        loop = torch.stack([seg.model.decoder(acts, emb[k:k + 1].expand(3, -1)).logits
+                            for k in range(len(PROMPTS))], dim=1)
+    assert batched.shape == (3, len(PROMPTS), 352, 352)
+    assert not torch.equal(batched[:, 0], batched[:, 1])  # prompts really differ
+    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0)
+
+
+def test_attention_is_sdpa(tiny_model_dir):
+    seg = ClipSegSegmenter.load(str(tiny_model_dir), device="cpu")
+    assert seg.model.config._attn_implementation == "sdpa"
+    assert seg.model.decoder.layers[0].self_attn.config._attn_implementation == "sdpa"
 
 
 def test_gpu_out_of_memory_at_one_tile_is_a_geoseg_error(tiny_model_dir, monkeypatch):

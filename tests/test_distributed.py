@@ -208,7 +208,7 @@ def test_out_of_memory_is_not_retried_and_names_the_chunk(tmp_path, raster, inpr
     counter = tmp_path / "attempts"
     factory = OutOfMemoryFactory("r0000000_c0000000", counter)
     with pytest.raises(geoseg.ChunkFailedError, match=r"r0000000_c0000000 \(rows 0\.\.512, cols 0\.\.512\) "
-                                                       r"ran out of GPU memory at batch size 8"):
+                                                       r"ran out of GPU memory at batch size auto"):
         geoseg.segment(config(raster, tmp_path / "run", retries=3), client=inproc_client, segmenter_factory=factory)
     assert counter.read_text() == "x", "a deterministic failure is not retried"
 

@@ -478,3 +478,20 @@ def test_exemplars_per_prompt_are_capped(tmp_path, monkeypatch):
     path = _exemplar_file(tmp_path, [box(x0 + 10 * i, y0 - 30, x0 + 10 * i + 5, y0 - 20) for i in range(3)])
     with pytest.raises(ExemplarError, match=r"ex.gpkg: exemplar feature 3: more than 2 exemplars of 'roof'"):
         _read(tmp_path, path)
+
+
+def test_negative_rule_is_the_same_on_tensors_and_arrays():
+    """The device path applies negatives to torch tensors, the host path to numpy arrays: same numbers,
+    bit for bit (the max is a mask product, exact), prompts without negatives untouched."""
+    import torch
+
+    from geoseg.prompts import apply_negatives
+
+    rng = np.random.default_rng(3)
+    probs = rng.random((4, 5, 6, 7), dtype=np.float32)  # 2 prompts + 3 negatives
+    applies = ((0, 2), ())
+    host = apply_negatives(probs, applies)
+    device = apply_negatives(torch.from_numpy(probs.copy()), applies).numpy()
+    assert host.shape == (4, 2, 6, 7) and np.array_equal(host, device)
+    expected = probs[:, 0] * (np.float32(1) - np.maximum(probs[:, 2], probs[:, 4]))
+    assert np.array_equal(host[:, 0], expected) and np.array_equal(host[:, 1], probs[:, 1])

@@ -13,8 +13,21 @@ import geoseg
 from geoseg.raster import inspect_raster, open_input, read_rgb
 from geoseg.tiling import Region
 
-from .models import PerPixelSegmenter
+from .models import PerPixelSegmenter, TorchPerPixelSegmenter
 from .rasters import NORTH_UP, scene, write
+
+
+@pytest.fixture(params=["host", "device"])
+def perpixel(request):
+    """The per-pixel model on the host path (numpy) and on the device-resident path (torch, on
+    the CPU here): every invariant below holds on both."""
+    from .models import PerPixelFactory, TorchPerPixelFactory
+
+    PerPixelSegmenter.calls = TorchPerPixelSegmenter.device_calls = 0
+    factory = PerPixelFactory if request.param == "host" else TorchPerPixelFactory
+    yield factory(weights=((1.0, 0.0, -0.5), (0.0, -0.5, 1.0)), bias=(0.3, 0.25))
+    if request.param == "device":  # the device path really ran (not the host path as a fallback)
+        assert TorchPerPixelSegmenter.device_calls > 0
 
 
 def run(tmp_path, src, client, factory, name="out", prompts=("red roof", "blue pool"), **kw):

@@ -21,14 +21,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="run directory on storage every worker can write")
     p.add_argument("--model", default=MODEL, help="hub id (pre-staged in HF_HOME) or a local model directory")
     p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per model call [default: sized to free GPU memory on CUDA, else 8]")
+    p.add_argument("--dtype", choices=("float32", "uint8"), default="float32",
+                   help="probabilities.tif dtype (uint8: round(p x 254), 255 nodata; 4x smaller)")
     p.add_argument("--dry-run", action="store_true", help="print the cluster definition and the plan; start nothing")
     return p
 
 
 def config(args, **extra) -> geoseg.SegmentConfig:
     return geoseg.SegmentConfig(args.input, tuple(args.prompt), args.output, model=args.model,
-                                chunk_size=args.chunk_size, batch_size=args.batch_size, **extra)
+                                chunk_size=args.chunk_size, batch_size=args.batch_size,
+                                dtype=args.dtype, **extra)
 
 
 def plan(cfg: geoseg.SegmentConfig) -> str:

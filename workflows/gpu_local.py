@@ -8,8 +8,9 @@ at a time. CPU work of the chunk (read, blend, polygonize) overlaps across the G
     python workflows/gpu_local.py scene.tif -p "building" -o run/ --gpus 0,2   # two of them
     python workflows/gpu_local.py ... --dry-run                               # print the plan
 
-Batch size: larger batches use the GPU better (try 32 on a 24 GB card). CUDA out of memory is
-reported naming the chunk; lower --batch-size then.
+Batch size: by default each chunk's batch is sized from the GPU's free memory (half of it, at most
+256 tiles; CUDA out of memory halves it); --batch-size fixes it. Out of memory at one tile is
+reported naming the chunk.
 
 Model weights: stage once (``HF_HOME=/data/hf huggingface-cli download CIDAS/clipseg-rd64-refined``)
 and pass ``--hf-home /data/hf``: workers get HF_HUB_OFFLINE=1 and never call the hub.

@@ -10,9 +10,10 @@ import threading
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from .base import Segmenter, SegmenterFactory
+from .base import Segmenter, SegmenterFactory, TensorSegmenter
 
-__all__ = ["Segmenter", "SegmenterFactory", "cached_segmenter", "clipseg_factory", "encode_plan", "encode_prompts"]
+__all__ = ["Segmenter", "SegmenterFactory", "TensorSegmenter", "cached_segmenter", "clipseg_factory", "encode_plan",
+           "encode_prompts"]
 
 _lock = threading.Lock()
 _cache: dict[Hashable, Segmenter] = {}
@@ -55,8 +56,9 @@ def encode_plan(factory: SegmenterFactory, plan: Any) -> Any:
     return segmenter.encode_prompts(tuple(plan.phrases))
 
 
-def clipseg_factory(model: str, revision: str | None = None, device: str = "auto") -> SegmenterFactory:
+def clipseg_factory(model: str, revision: str | None = None, device: str = "auto",
+                    compile: bool = False) -> SegmenterFactory:
     """The product's factory: CLIPSeg via transformers (imports torch lazily, on first call)."""
     from .clipseg import ClipSegFactory
 
-    return ClipSegFactory(model, revision, device)
+    return ClipSegFactory(model, revision, device, compile)

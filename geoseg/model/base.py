@@ -42,3 +42,21 @@ class SegmenterFactory(Protocol):
 
     def key(self) -> Hashable:
         """What identifies the model this factory builds: equal keys share one loaded model."""
+
+
+@runtime_checkable
+class TensorSegmenter(Segmenter, Protocol):
+    """A segmenter that also takes torch tensors on its own device: the device-resident chunk path.
+
+    The pipeline uploads the raw halo once and stretches, tiles, normalises and blends it on
+    ``device`` (see :mod:`geoseg.model.device_chunk`); only the blended chunk comes back. A
+    segmenter without these members (e.g. a numpy test model) gets the host path: numpy tiles in,
+    numpy probabilities out, blended on the CPU.
+    """
+
+    device: Any  # a torch.device
+    pixel_mean: tuple[float, ...]  # the model input is (x - mean) / std of 0..1 RGB
+    pixel_std: tuple[float, ...]
+
+    def predict_tensor(self, pixels: Any, embeddings: Any) -> Any:
+        """Float32 probabilities (N, P, T, T) on ``device`` for normalised pixels (N, 3, T, T) there."""

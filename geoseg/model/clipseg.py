@@ -3,13 +3,16 @@
 The stock ``CLIPSegForImageSegmentation.forward`` runs the whole vision encoder once per
 (image, prompt) pair. For P prompts over N tiles we instead run the encoder once per tile, stop
 after the last layer the decoder reads (``extract_layers``: later layers feed nothing into the
-decoder), encode each prompt once per run, and run only the light FiLM decoder once per prompt.
-The logits equal the stock forward pass (tested).
+decoder), encode each prompt once per run, and run the light FiLM decoder for all prompts in ONE
+batched call of N·P samples (the prompt-independent ``reduces`` run once per tile and broadcast).
+Attention uses PyTorch's SDPA kernels (transformers' ``attn_implementation="sdpa"``). The logits
+equal the stock forward pass (tested).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 
@@ -64,7 +67,7 @@ class ClipSegSegmenter:
     """A loaded CLIPSeg model with a shared-encoder, per-prompt-decoder forward pass."""
 
     def __init__(self, model: CLIPSegForImageSegmentation, processor, device: torch.device,
-                 model_id: str, revision: str | None):
+                 model_id: str, revision: str | None, compile: bool = False):
         self.model = model.eval().to(device)
         self.device = device
         self.model_id = model_id
@@ -79,21 +82,30 @@ class ClipSegSegmenter:
         self.autocast_dtype = None
         if device.type == "cuda":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # torch.compile of the encoder + decoder: opt-in (--compile). It costs a compile per new
+        # batch shape; bench/bench_gpu.py --compile measures whether it pays.
+        self.compiled = compile
+        self._forward = torch.compile(self._logits, dynamic=False) if compile else self._logits
 
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, revision: str | None = None,
-             device: str = "auto") -> ClipSegSegmenter:
+             device: str = "auto", compile: bool = False) -> ClipSegSegmenter:
         """Load weights and processor with ``from_pretrained`` (hub id, HF cache or local dir)."""
         transformers.utils.logging.disable_progress_bar()  # geoseg shows its own progress
         try:
             pinned = revision or "main"  # transformers' own default
-            net = CLIPSegForImageSegmentation.from_pretrained(model, revision=pinned)
+            try:  # fused scaled-dot-product attention (flash / memory-efficient kernels on CUDA)
+                net = CLIPSegForImageSegmentation.from_pretrained(model, revision=pinned,
+                                                                  attn_implementation="sdpa")
+            except ValueError as exc:  # a transformers build without SDPA for CLIPSeg
+                log.info("SDPA attention unavailable (%s); using the default", exc)
+                net = CLIPSegForImageSegmentation.from_pretrained(model, revision=pinned)
             processor = CLIPSegProcessor.from_pretrained(model, revision=pinned)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(_hub_hint(model)) from exc
         commit = resolved_revision(model, revision)
         log.info("loaded %s (revision %s, transformers %s)", model, commit, transformers.__version__)
-        return cls(net, processor, pick_device(device), model, commit)
+        return cls(net, processor, pick_device(device), model, commit, compile=compile)
 
     # -- the Segmenter protocol -------------------------------------------------------------
     @torch.inference_mode()
@@ -155,11 +167,38 @@ class ClipSegSegmenter:
 
     def _predict(self, tiles: np.ndarray, embeddings: torch.Tensor) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.device)
-        x = (x - self.mean) / self.std
+        return self.predict_tensor((x - self.mean) / self.std, embeddings).cpu().numpy()
+
+    # -- the TensorSegmenter protocol (the device-resident chunk path) ----------------------
+    @property
+    def pixel_mean(self) -> tuple[float, ...]:
+        return tuple(self.mean.flatten().tolist())
+
+    @property
+    def pixel_std(self) -> tuple[float, ...]:
+        return tuple(self.std.flatten().tolist())
+
+    @torch.inference_mode()
+    def predict_tensor(self, pixels: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Float32 sigmoid probabilities (N, P, T, T) on the device for normalised pixels on the device."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                             enabled=self.autocast_dtype is not None):
-            logits = self.logits(x, torch.as_tensor(embeddings).to(self.device))
-        return torch.sigmoid(logits.float()).cpu().numpy()
+            logits = self.logits(pixels, torch.as_tensor(embeddings).to(self.device))
+        return torch.sigmoid(logits.float())
+
+    def bytes_per_tile(self, n_prompts: int) -> int:
+        """Peak device memory one tile of a batch needs (activations + outputs), for batch sizing.
+
+        Encoder: the hidden state, the three kept activations and the MLP's 4x expansion at 485
+        tokens; decoder: per prompt the FiLM'd tokens, the transposed-convolution maps and the
+        float32 probabilities. Doubled for allocator slack; an overestimate only shrinks batches.
+        """
+        cfg = self.model.config
+        tokens = (352 // cfg.vision_config.patch_size) ** 2 + 1
+        item = 2 if self.autocast_dtype is not None else 4
+        enc = tokens * cfg.vision_config.hidden_size * (4 + len(self.extract_layers)) * item
+        dec = (tokens * cfg.reduce_dim * 8 * item + 88 * 88 * cfg.reduce_dim * 2 * item + 352 * 352 * 4 * 3)
+        return 2 * (enc + n_prompts * dec)
 
     # -- the forward pass -------------------------------------------------------------------
     def activations(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -178,26 +217,57 @@ class ClipSegSegmenter:
     @torch.inference_mode()
     def logits(self, pixel_values: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits (N, P, H, W) of normalised images for every prompt embedding."""
-        n, p = pixel_values.shape[0], embeddings.shape[0]
-        acts = self.activations(pixel_values)
-        out = []
-        for k in range(p):
-            cond = embeddings[k : k + 1].expand(n, -1)
-            out.append(self.model.decoder(acts, cond).logits)
-        return torch.stack(out, dim=1)
+        return self._forward(pixel_values, embeddings)
+
+    def _logits(self, pixel_values: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.activations(pixel_values), embeddings)
+
+    def decode(self, activations: Sequence[torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
+        """The FiLM decoder for every (tile, prompt) pair in one batch: logits (N, P, H, W).
+
+        The same arithmetic as ``CLIPSegDecoder.forward`` called once per prompt with the prompt's
+        embedding repeated N times, but batched: the ``reduces`` projections (prompt-independent)
+        run once per tile, the samples are expanded to N·P (index n·P + k) where FiLM conditions
+        them, and the attention layers and transposed convolution run once over N·P samples.
+        """
+        dec = self.model.decoder
+        n, p = activations[0].shape[0], embeddings.shape[0]
+        out: torch.Tensor | None = None
+        for i, (act, layer, reduce) in enumerate(zip(activations[::-1], dec.layers, dec.reduces)):
+            r = reduce(act)
+            if out is None:
+                out = r
+            elif out.shape[0] == n * p:  # already per prompt: broadcast the tile's projection
+                out = (r[:, None] + out.view(n, p, *out.shape[1:])).flatten(0, 1)
+            else:
+                out = r + out
+            if i == dec.conditional_layer:
+                mul = dec.film_mul(embeddings)[None, :, None, :]   # (1, P, 1, R)
+                add = dec.film_add(embeddings)[None, :, None, :]
+                out = (mul * out[:, None] + add).flatten(0, 1)     # (N·P, L, R)
+            out = layer(out, attention_mask=None)
+            out = out[0] if isinstance(out, tuple) else out
+        if out is None or out.shape[0] != n * p:  # conditional_layer beyond the decoder's layers (not in CLIPSeg)
+            raise ValueError(f"decoder conditional_layer {dec.conditional_layer} is never reached")
+        out = out[:, 1:, :].transpose(1, 2)  # drop the CLS token: (N·P, R, L-1)
+        size = int(math.isqrt(out.shape[2]))
+        logits = dec.transposed_convolution(out.reshape(n * p, out.shape[1], size, size)).squeeze(1)
+        return logits.view(n, p, *logits.shape[1:])
 
 
 class ClipSegFactory:
     """Picklable recipe for a ClipSegSegmenter; travels to Dask workers instead of the weights."""
 
-    def __init__(self, model: str = DEFAULT_MODEL, revision: str | None = None, device: str = "auto"):
-        self.model, self.revision, self.device = model, revision, device
+    def __init__(self, model: str = DEFAULT_MODEL, revision: str | None = None, device: str = "auto",
+                 compile: bool = False):
+        self.model, self.revision, self.device, self.compile = model, revision, device, compile
 
     def __call__(self) -> ClipSegSegmenter:
-        return ClipSegSegmenter.load(self.model, self.revision, self.device)
+        return ClipSegSegmenter.load(self.model, self.revision, self.device, self.compile)
 
     def key(self) -> tuple:
-        return ("clipseg", self.model, self.revision, self.device)
+        return ("clipseg", self.model, self.revision, self.device, self.compile)
 
     def __repr__(self) -> str:
-        return f"ClipSegFactory({self.model!r}, revision={self.revision!r}, device={self.device!r})"
+        return (f"ClipSegFactory({self.model!r}, revision={self.revision!r}, device={self.device!r}, "
+                f"compile={self.compile!r})")
