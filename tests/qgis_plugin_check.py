@@ -391,6 +391,32 @@ def main(config_path: str) -> None:
         return {"evaluate": ev, "train": tr, "labels_total": labels.featureCount()}
 
     step("thin", thin)
+
+    def exemplars():
+        """geoseg:segment_exemplars with only some features of a layer selected: which exemplars the
+        run's manifest names, mapped back to the layer's ``name`` attribute through the exported file."""
+        from qgis.core import QgsProcessingFeatureSourceDefinition, QgsProject, QgsVectorLayer
+
+        lyr = QgsVectorLayer(cfg["exemplars"], "examples", "ogr")
+        QgsProject.instance().addMapLayer(lyr)
+        lyr.selectByIds([f.id() for f in lyr.getFeatures() if f["name"] in cfg["exemplars_selected"]])
+        out_dir = work / "run_exemplars"
+        out = _run("geoseg:segment_exemplars", dict(
+            params, OUTPUT=str(out_dir), LOAD_OUTPUTS=False, CLASS_FIELD="prompt", EXEMPLAR_WEIGHT=0.7,
+            EXEMPLARS=QgsProcessingFeatureSourceDefinition(lyr.id(), selectedFeaturesOnly=True)), Recorder())
+        man = json.loads((out_dir / "manifest.json").read_text())
+        names: dict = {}
+        for prompt, ids in man["prompting"]["exemplars"].items():
+            for ident in ids:
+                path, _, fid = ident.rpartition(":")
+                exported = QgsVectorLayer(path, "exported", "ogr")
+                names.setdefault(prompt, []).append(exported.getFeature(int(fid))["name"])
+        out["manifest_prompting"] = man["prompting"]
+        out["exemplar_names"] = names
+        out["layer_total"], out["selected"] = lyr.featureCount(), lyr.selectedFeatureCount()
+        return out
+
+    step("exemplars", exemplars)
     sys.stdout.write(json.dumps(report, default=str) + "\n")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -96,6 +96,19 @@ def test_segment_args_are_deterministic_and_complete():
         runner.segment_args("in.tif", ["  ", ""], "/out")
 
 
+def test_segment_args_exemplars():
+    """A class field names each polygon's prompt; without one all polygons are the first prompt's."""
+    base = ["segment", "in.tif", "--prompt", "roof", "--prompt", "tree", "--output", "/out"]
+    a = runner.segment_args("in.tif", ["roof", "tree"], "/out", exemplars="/t/ex.gpkg", class_field="cls",
+                            exemplar_weight=0.7)
+    assert a == base + ["--exemplars", "/t/ex.gpkg", "--class-field", "cls", "--exemplar-weight", "0.7"]
+    b = runner.segment_args("in.tif", [" roof ", "tree"], "/out", exemplars="/t/ex.gpkg", class_field=None,
+                            exemplar_weight=0.0)
+    assert b == base + ["--exemplar", "roof=/t/ex.gpkg", "--exemplar-weight", "0.0"]
+    # no exemplar layer: the weight and field mean nothing and are not passed
+    assert runner.segment_args("in.tif", ["roof", "tree"], "/out", class_field="cls", exemplar_weight=0.7) == base
+
+
 def test_child_env_drops_qgis_python_and_adds_extra():
     env = runner.child_env(runner.parse_env("A=1; B = x=y\nC=3"), base={"PYTHONHOME": "/q", "PYTHONPATH": "/q",
                                                                          "PATH": "/bin"})
@@ -249,6 +262,24 @@ print(f"read {info['features']} polygons")
 """
 
 
+#: Exemplar polygons (name, prompt, lower-left corner in the raster's EPSG:32633; 20 m squares inside
+#: town_rgb_utm.tif, whose pixels are all valid) and the ones selected in QGIS.
+EXEMPLARS = [("ex1", "building", 601020, 5340020), ("ex2", "building", 601120, 5340120),
+             ("ex3", "water", 601220, 5340020), ("ex4", "water", 601060, 5340180),
+             ("ex5", "building", 601250, 5340200)]
+EXEMPLARS_SELECTED = ["ex2", "ex3", "ex5"]
+
+
+def _exemplar_layer(path: Path) -> str:
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    gpd.GeoDataFrame({"name": [e[0] for e in EXEMPLARS], "prompt": [e[1] for e in EXEMPLARS]},
+                     geometry=[box(x, y, x + 20, y + 20) for _, _, x, y in EXEMPLARS],
+                     crs="EPSG:32633").to_file(path, layer="examples")
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_model_dir) -> dict:
     work = tmp_path_factory.mktemp("qgis-plugin")
@@ -267,6 +298,7 @@ def report(tmp_path_factory, tiny_model_dir) -> dict:
         "qgis_process": _qgis_process(), "qgis_process_home": str(work / "home"),
     }
     cfg["fake_geoseg"] = _fake_geoseg(work, FAKE_RECORDER)
+    cfg["exemplars"], cfg["exemplars_selected"] = _exemplar_layer(work / "examples.gpkg"), EXEMPLARS_SELECTED
     (work / "config.json").write_text(json.dumps(cfg))
     rt = work / "xdg"
     rt.mkdir(mode=0o700)
@@ -303,7 +335,8 @@ def _step(report, name):
 def test_provider_registered(report):
     s = _step(report, "setup")
     assert s["module_file"].startswith(report["_cfg"]["plugins_dir"])  # the extracted zip, not the source tree
-    assert s["algorithms"] == ["geoseg:evaluate", "geoseg:segment", "geoseg:train", "geoseg:vectorize"]
+    assert s["algorithms"] == ["geoseg:evaluate", "geoseg:segment", "geoseg:segment_exemplars", "geoseg:train",
+                               "geoseg:vectorize"]
     assert s["display_names"]["geoseg:segment"] == "Segment raster by text prompts"
     assert s["display_names"]["geoseg:vectorize"] == "Re-vectorize a run at a new threshold"
     assert s["icon_null"] is False
@@ -531,6 +564,18 @@ def test_evaluate_and_train_call_the_cli(report):
                      "CIDAS/clipseg-rd64-refined", "--steps", "3", "--device", "auto"]
     assert call["features"] == t["labels_total"] > 5  # the whole layer: nothing selected-only here
     assert tr["results"]["MODEL_DIR"] == str(work / "trained")
+
+
+@needs_qgis
+def test_segment_exemplars_uses_only_the_selected_features(report):
+    """The run's manifest names exactly the selected polygons, each under its class field's prompt."""
+    e = _step(report, "exemplars")
+    assert "exception" not in e, e.get("exception")
+    assert e["layer_total"] == len(EXEMPLARS) and e["selected"] == len(EXEMPLARS_SELECTED)
+    assert {p: sorted(n) for p, n in e["exemplar_names"].items()} == {"building": ["ex2", "ex5"],
+                                                                      "water": ["ex3"]}
+    assert e["manifest_prompting"]["exemplar_weight"] == 0.7
+    assert e["results"]["FEATURES"] >= 0 and Path(e["results"]["PROBABILITIES"]).is_file()
 
 
 @pytest.mark.parametrize("t", [0.5, 0.7, 0.3, 0.35, 1e-3, 0.999])

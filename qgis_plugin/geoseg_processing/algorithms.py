@@ -43,6 +43,7 @@ from .styling import PolygonStyler, ProbabilityStyler
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_CHUNK = 4096
+DEFAULT_EXEMPLAR_WEIGHT = 0.5  # geoseg's own default (geoseg.prompts.EXEMPLAR_WEIGHT)
 #: Share of the progress bar for the chunks; the rest is assembly and writing the polygons.
 CHUNK_SHARE = 95.0
 
@@ -204,7 +205,8 @@ class SegmentAlgorithm(GeosegAlgorithm):
                 scheduler=self.parameterAsString(parameters, self.SCHEDULER, context),
                 min_area=self.parameterAsDouble(parameters, self.MIN_AREA, context),
                 device=self.parameterAsString(parameters, self.DEVICE, context),
-                overwrite=self.parameterAsBool(parameters, self.OVERWRITE, context))
+                overwrite=self.parameterAsBool(parameters, self.OVERWRITE, context),
+                **self.exemplar_args(parameters, context, feedback))
         except GeosegRunError as exc:
             raise QgsProcessingException(str(exc)) from None
         result = self.run_cli(args, feedback)
@@ -216,6 +218,46 @@ class SegmentAlgorithm(GeosegAlgorithm):
         return {self.OUTPUT: output, "PROBABILITIES": probabilities, "POLYGONS": polygons,
                 "FEATURES": int(result.get("features", 0)), "CHUNKS_RUN": int(result.get("chunks_run", 0)),
                 "CHUNKS_RESUMED": int(result.get("chunks_resumed", 0))}
+
+    def exemplar_args(self, parameters, context, feedback) -> dict:
+        """Extra ``segment_args`` keywords; the text-only algorithm has none."""
+        return {}
+
+
+class SegmentExemplarsAlgorithm(SegmentAlgorithm):
+    """``geoseg:segment`` plus example polygons: ``--exemplars FILE --class-field F`` or
+    ``--exemplar PROMPT=FILE``. A separate algorithm so the plain one stays short."""
+
+    EXEMPLARS, CLASS_FIELD, EXEMPLAR_WEIGHT = "EXEMPLARS", "CLASS_FIELD", "EXEMPLAR_WEIGHT"
+
+    def name(self):
+        return "segment_exemplars"
+
+    def displayName(self):
+        return "Segment raster by text prompts and example polygons"
+
+    def shortHelpString(self):
+        return ("Like <i>Segment raster by text prompts</i>, but also shows the model examples: polygons drawn "
+                "over the raster around things to find. With a class field each polygon is an example of the "
+                "prompt its field names; without one every polygon is an example of the first prompt. Use "
+                "<i>Selected features only</i> to pass only some polygons of a layer. The exemplar weight mixes "
+                "text and examples: (1-w)·text + w·examples; 1 uses the examples only.")
+
+    def initAlgorithm(self, config=None):
+        super().initAlgorithm(config)
+        self.addParameter(QgsProcessingParameterFeatureSource(self.EXEMPLARS, "Example polygons (exemplars)",
+                                                              [QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField(
+            self.CLASS_FIELD, "Class field (its values are the prompts; empty: all are the first prompt)",
+            parentLayerParameterName=self.EXEMPLARS, optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.EXEMPLAR_WEIGHT, "Exemplar weight (0: text only, 1: examples only)",
+            QgsProcessingParameterNumber.Double, DEFAULT_EXEMPLAR_WEIGHT, minValue=0.0, maxValue=1.0))
+
+    def exemplar_args(self, parameters, context, feedback) -> dict:
+        return {"exemplars": polygons_file(self, parameters, self.EXEMPLARS, context, feedback),
+                "class_field": self.parameterAsString(parameters, self.CLASS_FIELD, context) or None,
+                "exemplar_weight": self.parameterAsDouble(parameters, self.EXEMPLAR_WEIGHT, context)}
 
 
 class VectorizeAlgorithm(GeosegAlgorithm):
@@ -358,4 +400,5 @@ class TrainAlgorithm(GeosegAlgorithm):
         return {self.OUTPUT: output, "MODEL_DIR": output}
 
 
-ALGORITHMS = (SegmentAlgorithm, VectorizeAlgorithm, EvaluateAlgorithm, TrainAlgorithm)
+ALGORITHMS = (SegmentAlgorithm, SegmentExemplarsAlgorithm, VectorizeAlgorithm, EvaluateAlgorithm,
+              TrainAlgorithm)

@@ -86,11 +86,14 @@ def segment_args(raster: str, prompts: Sequence[str], output: str, *, model: str
                  threshold: float | None = None, resolution: float | None = None,
                  chunk_size: int | None = None, workers: int | None = None,
                  scheduler: str | None = None, min_area: float | None = None,
-                 device: str | None = None, overwrite: bool = False) -> list[str]:
+                 device: str | None = None, overwrite: bool = False, exemplars: str | None = None,
+                 class_field: str | None = None, exemplar_weight: float | None = None) -> list[str]:
     """``geoseg segment`` arguments. The same inputs always give the same list, so a re-run resumes.
 
     ``resolution`` 0/None is native, ``workers`` 0/None is geoseg's default; prompts are stripped
-    and empty ones dropped.
+    and empty ones dropped. ``exemplars`` is a polygon file: with a ``class_field`` each polygon is
+    an exemplar of the prompt its field names (``--exemplars FILE --class-field F``), without one
+    every polygon is an exemplar of the first prompt (``--exemplar PROMPT=FILE``).
     """
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
@@ -108,6 +111,12 @@ def segment_args(raster: str, prompts: Sequence[str], output: str, *, model: str
         _opt(args, "--workers", workers or None)
     _opt(args, "--min-area", min_area or None)
     _opt(args, "--device", device.strip() if device else None)
+    if exemplars:
+        if class_field:
+            args += ["--exemplars", exemplars, "--class-field", class_field]
+        else:
+            args += ["--exemplar", f"{prompts[0]}={exemplars}"]
+        _opt(args, "--exemplar-weight", exemplar_weight)
     if overwrite:
         args.append("--overwrite")
     return args
