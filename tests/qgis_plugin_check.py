@@ -19,6 +19,8 @@ Steps, in order (each records its own part of the report, errors included):
    pixel grid (1 image pixel = 1 raster pixel), for pixel checks on the pytest side.
 7. ``geoseg_error``: a different job into the same folder -> geoseg's one-line refusal.
 8. ``vectorize``: ``geoseg:vectorize`` at a higher threshold.
+9. ``thin``: ``geoseg:evaluate`` / ``geoseg:train`` through a stand-in executable.
+10. ``exemplars``: ``geoseg:segment_exemplars`` with some features of an exemplar layer selected.
 
 Ends with ``os._exit(0)``: QGIS 3.22 may crash in ``exitQgis()`` after the report is out.
 """
