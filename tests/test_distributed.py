@@ -128,15 +128,12 @@ def _segment_process(src, out, delay):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def test_client_killed_mid_run_resumes_with_same_output(tmp_path, inproc_client):
-    src = write(tmp_path / "in.tif", scene(1056, 1056, seed=12))  # 352 px chunks: 3 x 3 = 9
-    ref = geoseg.segment(config(src, tmp_path / "ref", chunk_size=352), client=inproc_client,
-                         segmenter_factory=PerPixelFactory(WEIGHTS, BIAS))
-    out = tmp_path / "run"
-    proc = _segment_process(src, out, delay=0.4)
+def _kill_when(proc, ready) -> None:
+    """SIGKILL the client process as soon as ``ready()`` holds (fail if it exits or stalls first), then
+    give its orphaned worker processes a moment to notice their parent is gone."""
     try:
         deadline = time.monotonic() + 60
-        while len(finished_chunks(out)) < 3:
+        while not ready():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no progress"
             time.sleep(0.05)
@@ -144,7 +141,15 @@ def test_client_killed_mid_run_resumes_with_same_output(tmp_path, inproc_client)
     finally:
         proc.kill()
         proc.communicate()
-    time.sleep(1.0)  # let the orphaned worker processes notice their parent is gone
+    time.sleep(1.0)
+
+
+def test_client_killed_mid_run_resumes_with_same_output(tmp_path, inproc_client):
+    src = write(tmp_path / "in.tif", scene(1056, 1056, seed=12))  # 352 px chunks: 3 x 3 = 9
+    ref = geoseg.segment(config(src, tmp_path / "ref", chunk_size=352), client=inproc_client,
+                         segmenter_factory=PerPixelFactory(WEIGHTS, BIAS))
+    out = tmp_path / "run"
+    _kill_when(_segment_process(src, out, delay=0.4), lambda: len(finished_chunks(out)) >= 3)
     finished = finished_chunks(out)
     all_chunks = {f"r{r:07d}_c{c:07d}" for r in (0, 352, 704) for c in (0, 352, 704)}
     assert finished < all_chunks and len(finished) >= 3
@@ -228,18 +233,9 @@ def test_client_killed_mid_streaming_write_resumes_without_lost_or_doubled_polyg
     ref = geoseg.segment(config(src, tmp_path / "ref", chunk_size=512), client=inproc_client,
                          segmenter_factory=PerPixelFactory(WEIGHTS, BIAS))  # 3 x 3 chunks of another size
     out = tmp_path / "run"
-    proc = _segment_process(src, out, delay=0.4)
-    try:
-        deadline = time.monotonic() + 60
-        while len(list((out / "parts").glob("*.json"))) < 3 or not list(out.glob(".polygons.tmp-*.gpkg")):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate()
-    time.sleep(1.0)
+    # finished chunks counted as the product counts them (a killed writer's hidden temp is not one)
+    _kill_when(_segment_process(src, out, delay=0.4),
+               lambda: len(finished_chunks(out)) >= 3 and bool(list(out.glob(".polygons.tmp-*.gpkg"))))
     assert list(out.glob(".polygons.tmp-*.gpkg")), "killed in the middle of the streaming write"
     assert not (out / "polygons.gpkg").exists()
 
