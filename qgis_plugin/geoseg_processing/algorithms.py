@@ -53,6 +53,17 @@ def _advanced(param):
     return param
 
 
+def _threshold_param(name):
+    """The probability threshold, in geoseg's open range (0, 1), so a bad value is refused before a run."""
+    return QgsProcessingParameterNumber(name, "Threshold (probability 0–1)", QgsProcessingParameterNumber.Double,
+                                        DEFAULT_THRESHOLD, minValue=0.001, maxValue=0.999)
+
+
+def _run_folder_param(name):
+    return QgsProcessingParameterFile(name, "Run folder (output folder of a segment run)",
+                                      behavior=QgsProcessingParameterFile.Folder)
+
+
 def polygon_uri(result: dict) -> str:
     """The QGIS source string of the polygon output (a GeoPackage layer, or a GeoParquet file)."""
     path = str(result["polygons"])
@@ -154,9 +165,7 @@ class SegmentAlgorithm(GeosegAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.PROMPTS, "Prompts (one per line)", multiLine=True))
         self.addParameter(QgsProcessingParameterString(self.MODEL, "Model (Hugging Face hub id or local folder)",
                                                        defaultValue=DEFAULT_MODEL))
-        self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Threshold (probability 0–1)",
-                                                       QgsProcessingParameterNumber.Double, DEFAULT_THRESHOLD,
-                                                       minValue=0.001, maxValue=0.999))  # geoseg: open (0, 1)
+        self.addParameter(_threshold_param(self.THRESHOLD))
         self.addParameter(QgsProcessingParameterNumber(self.RESOLUTION, "Resolution (pixel size in layer units; "
                                                        "empty or 0: native)", QgsProcessingParameterNumber.Double,
                                                        None, optional=True, minValue=0.0))
@@ -275,11 +284,8 @@ class VectorizeAlgorithm(GeosegAlgorithm):
                 "folder.")
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterFile(self.RUN, "Run folder (output folder of a segment run)",
-                                                     behavior=QgsProcessingParameterFile.Folder))
-        self.addParameter(QgsProcessingParameterNumber(self.THRESHOLD, "Threshold (probability 0–1)",
-                                                       QgsProcessingParameterNumber.Double, DEFAULT_THRESHOLD,
-                                                       minValue=0.001, maxValue=0.999))  # geoseg: open (0, 1)
+        self.addParameter(_run_folder_param(self.RUN))
+        self.addParameter(_threshold_param(self.THRESHOLD))
         self.addParameter(QgsProcessingParameterNumber(self.MIN_AREA, "Minimum polygon area (m²)",
                                                        QgsProcessingParameterNumber.Double, 0.0, minValue=0.0))
         self.addParameter(_advanced(QgsProcessingParameterNumber(
@@ -329,8 +335,7 @@ class EvaluateAlgorithm(GeosegAlgorithm):
                 "<i>Selected features only</i> to score against part of a layer.")
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterFile(self.RUN, "Run folder (output folder of a segment run)",
-                                                     behavior=QgsProcessingParameterFile.Folder))
+        self.addParameter(_run_folder_param(self.RUN))
         self.addParameter(QgsProcessingParameterFeatureSource(self.TRUTH, "Reference polygons",
                                                               [QgsProcessing.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field (its values are the prompts)",
