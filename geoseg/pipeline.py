@@ -23,7 +23,6 @@ from .atomic import write_json_atomic
 from .classes import class_map, exclusive, write_class_part, write_classes
 from .config import SegmentConfig, VectorizeConfig
 from .model import SegmenterFactory, clipseg_factory
-from .modelcard import read_model_card
 from .pieces import Pieces, polygonize_chunk
 from .prompts import PromptPlan, build_plan, embeddings_sha256
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, read_probabilities, write_cog, write_vrt
@@ -105,12 +104,12 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     thresholds = config.vector.thresholds_for(len(config.prompts))
     factory = segmenter_factory or clipseg_factory(config.model, config.revision, config.device, config.compile)
     plan = build_plan(config, info)  # exemplars are read (and refused) before anything is written
-    _check_card_templates(config.model, plan)
     fp = fingerprint(config, info, plan)
     run_dir = config.output
     done = prepare_run_dir(run_dir, fp, config.overwrite)
     regions = plan_chunks(info, config.chunk_size)
     manifest = RunManifest.new(config, info, fp, regions, prompting=plan.describe())
+    _check_card_templates(config.model, manifest.model_card, plan)
     manifest.prompting["exemplars_sha256"] = plan.exemplars_sha256()
     manifest.save(run_dir)
     vjob = (vector_job(config.vector, config.prompts, info.transform, info.crs_wkt, info.height, info.width,
@@ -304,11 +303,10 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = Fal
     return path, features
 
 
-def _check_card_templates(model: str, plan: PromptPlan) -> None:
+def _check_card_templates(model: str, card: dict[str, Any] | None, plan: PromptPlan) -> None:
     """A `geoseg train` model learnt FiLM for embeddings made with its card's templates; other
     templates feed it embeddings it never saw (allowed, but worth one warning)."""
-    card = read_model_card(model) or {}
-    trained = card.get("templates")
+    trained = (card or {}).get("templates")
     if trained is not None and list(trained) != list(plan.templates):
         log.warning("%s was trained with templates %s; this run uses %s (pass the same --templates)",
                     model, trained, list(plan.templates))
