@@ -395,6 +395,39 @@ def _drop_collinear(geoms: np.ndarray) -> np.ndarray:
     return shapely.from_ragged_array(GeometryType.POLYGON, out_coords, (new_off, geom_off))
 
 
+def seam_links(pieces: Pieces, reg: np.ndarray, chunk_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(u, v)`` of pieces that :func:`merge_seams` joins: same prompt, different chunks,
+    sharing a piece of chunk border of positive length.
+
+    ``reg`` is each piece's own chunk region as ``(row_off, col_off, height, width)`` rows, ``chunk_of``
+    its chunk's id. Only pieces whose bounding box reaches their chunk's border are considered, and
+    for them only the exterior-ring segments lying on that border; candidate pairs come from a
+    ``shapely.STRtree`` of those segments and are confirmed with an exact integer interval test.
+    """
+    none = np.empty(0, np.int64)
+    if len(pieces) < 2:
+        return none, none
+    bounds = shapely.bounds(pieces.geometry)
+    on_border = ((bounds[:, 0] == reg[:, 1]) | (bounds[:, 2] == reg[:, 1] + reg[:, 3])
+                 | (bounds[:, 1] == reg[:, 0]) | (bounds[:, 3] == reg[:, 0] + reg[:, 2]))
+    cand = np.flatnonzero(on_border)
+    if len(cand) < 2:
+        return none, none
+    owner, vert, line, lo, hi, a, b = _seam_segments(pieces.geometry[cand], reg[cand])
+    owner = cand[owner]
+    if len(owner) < 2:
+        return none, none
+    segs = shapely.linestrings(np.stack([a, b], axis=1))
+    i, j = shapely.STRtree(segs).query(segs)  # envelope hits; refined exactly below
+    sel = i < j
+    i, j = i[sel], j[sel]
+    ok = ((vert[i] == vert[j]) & (line[i] == line[j])
+          & (np.maximum(lo[i], lo[j]) < np.minimum(hi[i], hi[j]))  # positive length
+          & (chunk_of[owner[i]] != chunk_of[owner[j]])
+          & (pieces.prompt_index[owner[i]] == pieces.prompt_index[owner[j]]))
+    return owner[i[ok]], owner[j[ok]]
+
+
 def merge_seams(pieces_list: Sequence[Pieces], chunk_regions: Sequence[Any]) -> Pieces:
     """Concatenate every chunk's pieces and join those that a chunk border split apart.
 
@@ -407,12 +440,10 @@ def merge_seams(pieces_list: Sequence[Pieces], chunk_regions: Sequence[Any]) -> 
     of chunk border of positive length — the cross-chunk twin of 4-connectivity, so a diagonal
     point-touch across a seam stays two pieces, exactly as it would inside a chunk.
 
-    Only pieces whose bounding box reaches their chunk's border are considered, and for them only
-    the exterior-ring segments lying on that border. Those segments go into a ``shapely.STRtree``;
-    candidate pairs are confirmed with an exact integer interval-overlap test, grouped as
-    connected components, and each group becomes ``shapely.union_all`` of its members (exact: integer
-    coordinates). n_px and sum_p add up, max_p is the max. Output geometry is normalised and
-    sorted canonically, so the result is identical for any chunk layout of the same mask.
+    The pairs come from :func:`seam_links`; they are grouped as connected components, and each
+    group becomes ``shapely.union_all`` of its members (exact: integer coordinates). n_px and sum_p
+    add up, max_p is the max. Output geometry is normalised and sorted canonically, so the result
+    is identical for any chunk layout of the same mask.
     """
     if len(pieces_list) != len(chunk_regions):
         raise ConfigError(f"got {len(pieces_list)} piece sets for {len(chunk_regions)} chunk regions")
@@ -423,57 +454,41 @@ def merge_seams(pieces_list: Sequence[Pieces], chunk_regions: Sequence[Any]) -> 
     if n == 0:
         return allp
     chunk_of = np.repeat(np.arange(len(items)), [len(p) for p in items])
-    reg = regions[chunk_of]
-    bounds = shapely.bounds(allp.geometry)
-    on_border = ((bounds[:, 0] == reg[:, 1]) | (bounds[:, 2] == reg[:, 1] + reg[:, 3])
-                 | (bounds[:, 1] == reg[:, 0]) | (bounds[:, 3] == reg[:, 0] + reg[:, 2]))
-    cand = np.flatnonzero(on_border)
+    u, v = seam_links(allp, regions[chunk_of], chunk_of)
+    return canonical(merge_groups(allp, components(n, u, v)) if len(u) else allp)
 
-    u = v = np.empty(0, np.int64)
-    if len(cand) > 1:
-        owner, vert, line, lo, hi, a, b = _seam_segments(allp.geometry[cand], reg[cand])
-        owner = cand[owner]
-        if len(owner) > 1:
-            segs = shapely.linestrings(np.stack([a, b], axis=1))
-            tree = shapely.STRtree(segs)
-            i, j = tree.query(segs)  # envelope hits; refined exactly below
-            sel = i < j
-            i, j = i[sel], j[sel]
-            ok = ((vert[i] == vert[j]) & (line[i] == line[j])
-                  & (np.maximum(lo[i], lo[j]) < np.minimum(hi[i], hi[j]))  # positive length
-                  & (chunk_of[owner[i]] != chunk_of[owner[j]])
-                  & (allp.prompt_index[owner[i]] == allp.prompt_index[owner[j]]))
-            u, v = owner[i[ok]], owner[j[ok]]
 
-    if len(u) == 0:
-        out = allp
-    else:
-        group = components(n, u, v)
-        k = int(group.max()) + 1
-        sizes = np.bincount(group, minlength=k)
-        geoms = np.empty(k, dtype=object)
-        single = sizes == 1
-        geoms[group[single[group]]] = allp.geometry[single[group]]
-        multi_groups = np.flatnonzero(~single)
-        order = np.argsort(group, kind="stable")
-        starts = np.cumsum(sizes) - sizes
-        unioned = np.empty(len(multi_groups), dtype=object)
-        for t, g in enumerate(multi_groups):
-            members = order[starts[g]:starts[g] + sizes[g]]
-            unioned[t] = shapely.union_all(allp.geometry[members])
-        if np.any(shapely.get_type_id(unioned) != GeometryType.POLYGON):
-            raise RuntimeError("internal error: a seam-merged group is not a single polygon")
-        geoms[multi_groups] = _drop_collinear(unioned)
-        prompt = np.zeros(k, np.int32)
-        prompt[group] = allp.prompt_index
-        max_p = np.full(k, -np.inf, np.float32)
-        np.maximum.at(max_p, group, allp.max_p)
-        out = Pieces(prompt, geoms, np.bincount(group, weights=allp.n_px, minlength=k).astype(np.int64),
-                     np.bincount(group, weights=allp.sum_p, minlength=k), max_p)
+def merge_groups(pieces: Pieces, group: np.ndarray) -> Pieces:
+    """One piece per ``group`` label (0..k-1): the union of its members' geometry, their pixel
+    counts and probability sums added, the max of their maxima. Each group must form one polygon."""
+    k = int(group.max()) + 1 if len(group) else 0
+    sizes = np.bincount(group, minlength=k)
+    geoms = np.empty(k, dtype=object)
+    single = sizes == 1
+    geoms[group[single[group]]] = pieces.geometry[single[group]]
+    multi_groups = np.flatnonzero(~single)
+    order = np.argsort(group, kind="stable")
+    starts = np.cumsum(sizes) - sizes
+    unioned = np.empty(len(multi_groups), dtype=object)
+    for t, g in enumerate(multi_groups):
+        members = order[starts[g]:starts[g] + sizes[g]]
+        unioned[t] = shapely.union_all(pieces.geometry[members])
+    if np.any(shapely.get_type_id(unioned) != GeometryType.POLYGON):
+        raise RuntimeError("internal error: a seam-merged group is not a single polygon")
+    geoms[multi_groups] = _drop_collinear(unioned)
+    prompt = np.zeros(k, np.int32)
+    prompt[group] = pieces.prompt_index
+    max_p = np.full(k, -np.inf, np.float32)
+    np.maximum.at(max_p, group, pieces.max_p)
+    return Pieces(prompt, geoms, np.bincount(group, weights=pieces.n_px, minlength=k).astype(np.int64),
+                  np.bincount(group, weights=pieces.sum_p, minlength=k), max_p)
 
-    # canonical geometry and order: same mask ⇒ same output, whatever the chunk layout
-    geoms = shapely.normalize(out.geometry)
-    b = shapely.bounds(geoms)
-    order = np.lexsort((out.n_px, b[:, 2], b[:, 3], b[:, 0], b[:, 1], out.prompt_index))
-    return Pieces(out.prompt_index[order], geoms[order], out.n_px[order], out.sum_p[order],
-                  out.max_p[order])
+
+def canonical(pieces: Pieces) -> Pieces:
+    """Normalized geometry in canonical order (prompt, top, left, bottom, right, pixel count): the
+    same mask gives the same pieces in the same order, whatever the chunk layout."""
+    geoms = shapely.normalize(pieces.geometry)
+    b = shapely.bounds(geoms).reshape(-1, 4)
+    order = np.lexsort((pieces.n_px, b[:, 2], b[:, 3], b[:, 0], b[:, 1], pieces.prompt_index))
+    return Pieces(pieces.prompt_index[order], geoms[order], pieces.n_px[order], pieces.sum_p[order],
+                  pieces.max_p[order])

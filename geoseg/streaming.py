@@ -4,28 +4,44 @@ A chunk's pieces that touch no *seam* (a chunk border shared with another chunk;
 edge is not one) can never be merged with another chunk's piece, so with per-polygon options they
 are already final. The chunk task (:func:`write_chunk_polygons`) finalizes them itself, in the
 same canonical form and order :func:`geoseg.pieces.merge_seams` gives them, and saves them as an
-Arrow table (``parts/<chunk>.polygons.parquet``); only the seam-touching pieces are kept as pixel
-pieces (``parts/<chunk>.seam``). The client (:func:`assemble_polygons`) appends the chunks' tables
-to the output **in chunk order** as they become available, then merges the seam pieces, finalizes
-them and appends them last, and only then builds the spatial index once.
+Arrow table (``parts/<chunk>.polygons.parquet``); only the deferred pieces (seam-touching, and
+those the rules below tie to them) are kept as pixel pieces (``parts/<chunk>.seam``). The client
+(:class:`PolygonOutput`) appends the chunks' tables to the output **in chunk order** as they become
+available, merges and appends the deferred pieces row of chunks by row of chunks, and builds the
+spatial index once at the end.
 
 Which rule keeps this exact
 ---------------------------
 ``finalize`` is per polygon for the affine transform, ``min_area``, the measures, the attributes and
-reprojection: a final piece gives the same row in the chunk as in one global ``finalize``. Hole
-filling (island absorption) and coverage simplification are not per polygon: a piece's result can
-depend on pieces of another chunk (a ring closed across a seam makes a new hole that may swallow an
-island far from the seam; the coverage simplifier checks other polygons' vertices inside the
-triangles it removes, and a merged polygon's triangles can reach into another chunk). So when
-``fill_holes`` or ``simplify`` is set, **every** piece is deferred to the client and finalized there
-in one call, exactly as before: correct by construction, but the client's memory then grows with
-the object count (see bench/README.md; a bounded variant is future work).
+reprojection. Three steps look at other polygons, and a piece is final in its chunk only when no
+piece it could interact with is missing from the chunk's own ``finalize`` call:
+
+* **hole filling** (island absorption): a piece inside a hole of another. A hole that a ring
+  closes across a seam touches that seam and, being smaller than ``fill_holes``, holds at most
+  ``n = fill_holes / (smallest pixel area)`` pixels, so every island it can swallow lies within
+  ``n + 2`` pixels of the seam (:attr:`VectorJob.hole_reach`). Pieces that close are deferred, and
+  so is every piece linked to a deferred one by bounding-box containment (a piece inside a hole of
+  another lies inside its box), transitively.
+* **class-map noding** (``--classes``): touching polygons exchange vertices; pieces are linked by
+  bounding-box intersection instead, transitively.
+* **coverage simplification** (``--simplify``): GEOS checks other polygons' vertices inside every
+  triangle it removes, and a polygon merged across a seam has triangles reaching over its pieces'
+  boxes into its chunks, where no per-chunk test can see them. So with ``simplify`` **every** piece
+  goes to the client and is finalized there in one call: exact, but the client's memory then grows
+  with the object count.
+
+The client applies the same rule on its side: it keeps the deferred pieces in a pool and, whenever
+a whole row of chunks has arrived, merges the pool's seams and finalizes every group of linked
+pieces (seam merges plus the links above) that has no member touching, or within ``hole_reach`` of,
+the lower border of that row (the *frontier*, beyond which pieces are still to come). Groups that do
+are kept for the next row. The pool therefore holds about one row of seams, not every seam piece.
 
 Row order
 ---------
-Chunk by chunk in the plan's order (within a chunk, merge_seams' canonical order), then the seam
-polygons in canonical order. The file is therefore the same however often a run was interrupted;
-with another chunk size the same features come in another row order.
+Chunk by chunk in the plan's order (within a chunk, merge_seams' canonical order); after each row of
+chunks, the seam polygons that row closed, in canonical order. The file is therefore the same
+however often a run was interrupted; with another chunk size the same features come in another row
+order.
 
 Resume
 ------
@@ -38,9 +54,11 @@ deletes before rebuilding the output from the parts: no polygon is lost or writt
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,8 +70,8 @@ import numpy as np
 import shapely
 
 from .atomic import atomic_target
-from .pieces import Pieces, merge_seams, read_pieces, write_pieces
-from .polygons import OUTPUT_COLUMNS, finalize
+from .pieces import Pieces, canonical, components, merge_groups, merge_seams, read_pieces, seam_links, write_pieces
+from .polygons import OUTPUT_COLUMNS, _Measure, finalize
 from .tiling import Region
 
 log = logging.getLogger(__name__)
@@ -85,12 +103,42 @@ class VectorJob:
 
     @property
     def per_polygon(self) -> bool:
-        """True when every finalize step is per polygon, so interior pieces are final in their chunk.
-
-        Hole filling, simplify and a class map's shared-edge noding look at neighbouring polygons, so
-        with any of them every piece goes to the client and is finalized there in one call (exact,
-        but client memory then follows the object count)."""
+        """True when every finalize step is per polygon: any slice of pieces finalizes to the same
+        rows, so final pieces are finalized in batches of :data:`BATCH_ROWS`."""
         return self.fill_holes == 0 and self.simplify == 0 and not self.exclusive
+
+    @property
+    def chunk_local(self) -> bool:
+        """False with ``simplify``: then no piece is final in its chunk (see the module docstring)."""
+        return self.simplify == 0
+
+    @property
+    def hole_reach(self) -> int:
+        """Pixels from a seam within which a piece may sit in a hole that a ring closes across it:
+        such a hole touches the seam and is connected, so all its pixels lie within its pixel count
+        (at most :attr:`hole_pixels`) of the seam, plus one for the ring and one for rounding."""
+        return self.hole_pixels + 2 if self.fill_holes > 0 else 0
+
+    @functools.cached_property
+    def hole_pixels(self) -> int:
+        """The most pixels a hole that ``fill_holes`` fills can have: ``fill_holes / (smallest
+        pixel area)``, the smallest pixel area taken over 9 pixels spread over the raster (corners,
+        edge middles, centre) and halved, a margin for the smooth variation of a pixel's ground
+        area between them. Capped at height + width (every piece within reach of every seam)."""
+        if self.fill_holes == 0:
+            return 0
+        rows = np.array([0, self.height // 2, self.height - 1], float)
+        cols = np.array([0, self.width // 2, self.width - 1], float)
+        r, c = (a.ravel() for a in np.meshgrid(rows, cols))
+        a, b, x0, d, e, y0 = self.transform
+        corners = np.stack([c, r, c + 1, r, c + 1, r + 1, c, r + 1], axis=1).reshape(-1, 4, 2)
+        xy = corners @ np.array([[a, d], [b, e]]) + np.array([x0, y0])
+        area, _ = _Measure(self.crs).area_perimeter(shapely.polygons(xy))
+        smallest = 0.5 * float(np.min(area))
+        limit = self.height + self.width - 2
+        if not np.isfinite(smallest) or smallest <= 0:
+            return limit
+        return min(limit, math.ceil(self.fill_holes / smallest))
 
     def key(self) -> str:
         """Hash of the options: a chunk part made with another key must be made again."""
@@ -109,15 +157,52 @@ class VectorJob:
                         dst_crs=self.dst_crs, exclusive=self.exclusive)
 
 
-def touches_seam(pieces: Pieces, region: Region, height: int, width: int) -> np.ndarray:
-    """Pieces whose bounding box reaches a border of ``region`` that another chunk shares."""
-    if len(pieces) == 0:
-        return np.zeros(0, bool)
+def near_seam(bounds: np.ndarray, region: Region, height: int, width: int, reach: int = 0) -> np.ndarray:
+    """Pieces (by their ``bounds``) within ``reach`` pixels of a border of ``region`` that another
+    chunk shares; ``reach=0``: touching it."""
+    return ((((bounds[:, 0] - region.col) <= reach) & (region.col > 0))
+            | (((region.col_stop - bounds[:, 2]) <= reach) & (region.col_stop < width))
+            | (((bounds[:, 1] - region.row) <= reach) & (region.row > 0))
+            | (((region.row_stop - bounds[:, 3]) <= reach) & (region.row_stop < height)))
+
+
+def neighbour_links(pieces: Pieces, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of pieces whose finalize results may depend on each other (besides seam merges).
+
+    Under ``fill_holes``: a piece with a hole that may be filled (at most ``hole_pixels`` pixels)
+    and every piece inside that hole's bounding box (an island it may absorb). For a class map:
+    pieces whose bounding boxes meet (touching polygons are noded together)."""
+    none = np.empty(0, np.int64)
+    if len(pieces) < 2 or not (job.exclusive or job.fill_holes > 0):
+        return none, none
     b = shapely.bounds(pieces.geometry)
-    return (((b[:, 0] == region.col) & (region.col > 0))
-            | ((b[:, 2] == region.col_stop) & (region.col_stop < width))
-            | ((b[:, 1] == region.row) & (region.row > 0))
-            | ((b[:, 3] == region.row_stop) & (region.row_stop < height)))
+    tree = shapely.STRtree(shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3]))
+    u, v = [none], [none]
+    if job.fill_holes > 0:
+        with_holes = np.flatnonzero(shapely.get_num_interior_rings(pieces.geometry) > 0)
+        rings, owner = shapely.get_rings(pieces.geometry[with_holes], return_index=True)
+        hole = np.zeros(len(owner), bool)
+        hole[1:] = owner[1:] == owner[:-1]  # each polygon's exterior comes first
+        holes, owner = shapely.polygons(rings[hole]), with_holes[owner[hole]]
+        small = shapely.area(holes) <= job.hole_pixels
+        i, j = tree.query(shapely.envelope(holes[small]), predicate="covers")
+        u.append(owner[small][i])
+        v.append(j)
+    if job.exclusive:
+        i, j = tree.query(tree.geometries, predicate="intersects")
+        u.append(i)
+        v.append(j)
+    u_, v_ = np.concatenate(u), np.concatenate(v)
+    keep = u_ != v_
+    return u_[keep], v_[keep]
+
+
+def linked_to(seed: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``seed`` grown to every item connected to a seeded one by the pairs ``(u, v)``."""
+    if len(u) == 0 or not seed.any() or seed.all():
+        return seed
+    group = components(len(seed), u, v)
+    return np.isin(group, group[seed])
 
 
 def _take(pieces: Pieces, sel: np.ndarray | slice) -> Pieces:
@@ -126,12 +211,15 @@ def _take(pieces: Pieces, sel: np.ndarray | slice) -> Pieces:
 
 
 def split_final(pieces: Pieces, region: Region, job: VectorJob) -> tuple[Pieces, Pieces]:
-    """(final, deferred): final pieces in canonical form and order; deferred ones go to the client."""
-    if not job.per_polygon:
+    """(final, deferred): final pieces in canonical form and order; deferred ones go to the client:
+    pieces near a seam and every piece linked to one (module docstring)."""
+    if not job.chunk_local:
         return Pieces.empty(), pieces
-    seam = touches_seam(pieces, region, job.height, job.width)
-    final = merge_seams([_take(pieces, ~seam)], [(region.row, region.col, region.height, region.width)])
-    return final, _take(pieces, seam)
+    bounds = shapely.bounds(pieces.geometry).reshape(-1, 4)
+    deferred = linked_to(near_seam(bounds, region, job.height, job.width, job.hole_reach),
+                         *neighbour_links(pieces, job))
+    final = merge_seams([_take(pieces, ~deferred)], [(region.row, region.col, region.height, region.width)])
+    return final, _take(pieces, deferred)
 
 
 def to_arrow(gdf, vector_format: str):
@@ -338,8 +426,8 @@ def part_seams(path: Path) -> SeamSource:
 
 class PolygonOutput:
     """The output being built: chunk tables appended in chunk order as they become available, the
-    seam polygons last, then the spatial index and the default style; renamed into place only
-    when complete.
+    deferred pieces merged and appended after each row of chunks, then the spatial index and the
+    default style; renamed into place only when complete.
 
     Use as a context manager; call :meth:`add` once per chunk (any order) and :meth:`finish`.
     """
@@ -353,7 +441,11 @@ class PolygonOutput:
         self._order = [r.name for r in self.regions]
         self._next = 0
         self._ready: dict[str, tuple[TableSource, SeamSource]] = {}
-        self._seams: list[SeamSource] = []
+        self._reg = np.array([(r.row, r.col, r.height, r.width) for r in self.regions], np.int64).reshape(-1, 4)
+        self._pool = Pieces.empty()  # deferred pieces not yet closed, and the chunk index of each
+        self._pool_chunk = np.zeros(0, np.int64)
+        #: The most deferred pieces held at once (what the client's memory follows; tests, benchmarks).
+        self.peak_pool = 0
 
     def __enter__(self) -> PolygonOutput:
         remove_stale_temps(self.path)
@@ -372,28 +464,51 @@ class PolygonOutput:
         self._target.__exit__(exc_type, exc, tb)
 
     def add(self, name: str, tables: TableSource, seams: SeamSource) -> None:
-        """Chunk ``name`` is finished: append it, and any chunks after it that were waiting."""
+        """Chunk ``name`` is finished: append it, and any chunks after it that were waiting; after
+        the last chunk of a row of chunks, append the deferred pieces that row closed."""
         self._ready[name] = (tables, seams)
         while self._next < len(self._order) and self._order[self._next] in self._ready:
             tables, seams = self._ready.pop(self._order[self._next])
-            for table in tables():
-                self._writer.write(table)
-                self.features += table.num_rows
-            self._seams.append(seams)
+            self._write(tables())
+            deferred = seams()
+            self._pool = Pieces.concat([self._pool, deferred])
+            self._pool_chunk = np.r_[self._pool_chunk, np.full(len(deferred), self._next, np.int64)]
+            self.peak_pool = max(self.peak_pool, len(self._pool))
+            region = self.regions[self._next]
             self._next += 1
+            if self._next < len(self.regions) and self.regions[self._next].row != region.row:
+                self._close(frontier=region.row_stop)  # a row of chunks is complete
+
+    def _write(self, tables: Iterable[Any]) -> None:
+        for table in tables:
+            self._writer.write(table)
+            self.features += table.num_rows
+
+    def _close(self, frontier: int) -> None:
+        """Merge the pool's seams and finalize and append every merged polygon that nothing below
+        ``frontier`` can join or interact with; keep the pieces of the others."""
+        pool, chunk = self._pool, self._pool_chunk
+        if len(pool) == 0:
+            return
+        below = frontier < self.job.height  # pieces are still to come below the frontier
+        if below and not self.job.chunk_local:
+            return  # simplify: every piece may interact with every other; all close at the end
+        u, v = seam_links(pool, self._reg[chunk], chunk)
+        group = components(len(pool), u, v) if len(u) else np.arange(len(pool))
+        merged = merge_groups(pool, group)
+        reach = shapely.bounds(merged.geometry)[:, 3] >= frontier - self.job.hole_reach
+        kept = linked_to(below & reach, *neighbour_links(merged, self.job))
+        if not kept.all():
+            self._write(finalized_tables(canonical(_take(merged, ~kept)), self.job))
+        self._pool, self._pool_chunk = _take(pool, kept[group]), chunk[kept[group]]
 
     def finish(self) -> int:
-        """Merge and append the seam polygons, build the index and style; returns the row count."""
+        """Append the remaining deferred pieces, build the index and style; returns the row count."""
         if self._next != len(self._order):
             missing = self._order[self._next]
             raise RuntimeError(f"internal error: chunk {missing} was never added to the polygon output")
         with ticking("seam polygons", self.progress):
-            seam_pieces = [load() for load in self._seams]
-            merged = merge_seams(seam_pieces, [(r.row, r.col, r.height, r.width) for r in self.regions])
-            del seam_pieces
-            for table in finalized_tables(merged, self.job):
-                self._writer.write(table)
-                self.features += table.num_rows
+            self._close(frontier=self.job.height)
         size = lambda: self._tmp.stat().st_size if self._tmp.exists() else 0  # noqa: E731
         with ticking("spatial index" if self.job.vector_format == "gpkg" else "closing", self.progress, size):
             self._writer.close()

@@ -1,6 +1,7 @@
 """Streaming polygons (geoseg.streaming): the file streamed chunk by chunk has exactly the features of
 the old all-at-once path (merge every chunk's pieces, finalize once, write once), for any chunk
-size, several prompts and many seam-crossing objects; rows come in a deterministic order."""
+size, several prompts and many seam-crossing objects, with hole filling and class maps too; rows
+come in a deterministic order; the client holds about one row of seams at a time."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import shapely
 from affine import Affine
 
+from geoseg.classes import class_map, exclusive
 from geoseg.pieces import merge_seams, polygonize_chunk
 from geoseg.streaming import (
     FINAL_SUFFIX,
@@ -62,11 +64,13 @@ def regions_of(chunk: int) -> list[Region]:
 
 def pieces_of(probs, regions):
     valid = np.ones(probs.shape[1:], bool)
+    if probs is CLASSES:  # a class map's pieces, as segment --classes makes them
+        probs = exclusive(probs, class_map(probs, valid, THRESHOLDS))
     return [polygonize_chunk(probs[:, r.row:r.row_stop, r.col:r.col_stop], valid[r.row:r.row_stop, r.col:r.col_stop],
                              r.row, r.col, THRESHOLDS) for r in regions]
 
 
-def streamed(tmp: Path, probs, chunk: int, job: VectorJob, order=None) -> gpd.GeoDataFrame:
+def streamed(tmp: Path, probs, chunk: int, job: VectorJob, order=None, stats: dict | None = None) -> gpd.GeoDataFrame:
     """Chunk tasks' parts, then the client's streamed file (chunks added in ``order``)."""
     regions = regions_of(chunk)
     (tmp / "parts").mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,10 @@ def streamed(tmp: Path, probs, chunk: int, job: VectorJob, order=None) -> gpd.Ge
             out.add(r.name, part_tables(tmp / "parts" / f"{r.name}{FINAL_SUFFIX}"),
                     part_seams(tmp / "parts" / f"{r.name}{SEAM_SUFFIX}"))
         n = out.finish()
+    if stats is not None:
+        stats["peak_pool"] = out.peak_pool
+        stats["final"] = sum(len(pd.read_parquet(tmp / "parts" / f"{r.name}{FINAL_SUFFIX}")) for r in regions)
+        stats["deferred"] = sum(len(part_seams(tmp / "parts" / f"{r.name}{SEAM_SUFFIX}")()) for r in regions)
     gdf = gpd.read_file(path, layer="segments") if job.vector_format == "gpkg" else gpd.read_parquet(path)
     assert len(gdf) == n
     return gdf
@@ -105,6 +113,9 @@ def job(**kw) -> VectorJob:
     return VectorJob(PROMPTS, THRESHOLDS, tuple(TRANSFORM)[:6], CRS, SIZE, SIZE, **kw)
 
 
+CLASSES = blobs()  # the same blobs, made a class map (one class per pixel) by pieces_of
+
+
 @pytest.fixture(scope="module")
 def probs():
     return blobs()
@@ -114,6 +125,10 @@ OPTIONS = {
     "plain": {},
     "min_area+reproject": {"min_area": 3.0, "dst_crs": "EPSG:4326"},
     "fill_holes+simplify": {"fill_holes": 40.0, "simplify": 0.6, "min_area": 1.0},
+    # 6 m² = 24 px: rings of radius 6-7 fill their hole and absorb the island in it; hole_reach 50 px
+    "fill_holes": {"fill_holes": 6.0, "min_area": 1.0},
+    "classes": {"exclusive": True},
+    "classes+fill_holes": {"exclusive": True, "fill_holes": 6.0},
 }
 
 
@@ -121,6 +136,8 @@ OPTIONS = {
 @pytest.mark.parametrize("options", list(OPTIONS))
 def test_streamed_file_has_the_all_at_once_features_for_any_chunk_size(tmp_path, probs, options, fmt):
     j = job(vector_format=fmt, **OPTIONS[options])
+    if j.exclusive:
+        probs = CLASSES
     reference = canonical(all_at_once(probs, SIZE, j))  # one chunk: nothing to merge
     seam_crossing = 0
     for chunk in (64, 100, SIZE):
@@ -161,3 +178,63 @@ def test_empty_result_is_a_valid_layer_with_schema_and_crs(tmp_path):
     assert len(gdf) == 0 and gdf.crs.to_epsg() == 32633
     assert list(gdf.columns)[:-1] == ["prompt", "prompt_index", "threshold", "mean_prob", "max_prob", "pixels",
                                       "area_m2", "perimeter_m", "n_holes", "compactness"]
+
+
+@pytest.mark.parametrize(("options", "chunk", "final_ratio", "pool_share"), [
+    ({}, 60, 5, 0.5),
+    ({"fill_holes": 0.5}, 80, 2, 0.6),  # hole_reach 6 px
+])
+def test_chunks_finalize_most_pieces_and_the_client_holds_about_one_row_of_seams(tmp_path, probs, options, chunk,
+                                                                                final_ratio, pool_share):
+    """The bounded rules at work (not "defer everything"): most rows are final in their chunk, and
+    the client's pool holds about one row of chunks' deferred pieces at a time, well below all of
+    them. (A class map's touching polygons are linked transitively and usually all deferred.)"""
+    stats: dict = {}
+    streamed(tmp_path, probs, chunk, job(**options), stats=stats)
+    assert stats["final"] > final_ratio * stats["deferred"], stats
+    assert stats["peak_pool"] < pool_share * stats["deferred"], stats
+
+
+def holes_across_seams() -> np.ndarray:
+    """Prompt 0: islands in holes of 5-6.25 m² (filled under fill_holes=7) whose rings reach a seam:
+
+    * a ring closed across the vertical seam x=64, its island 2 px from it (the chunk must defer
+      an island that touches no seam);
+    * a ring closed across the horizontal seam y=64, island 1 px above it (the client must keep
+      the island open until the row below arrives);
+    * a bar crossing the seam x=120 with a hole and island 100 px from every seam of 120 px chunks
+      (linked to the bar by its hole, not by distance)."""
+    probs = np.zeros((3, SIZE, SIZE), np.float32)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for cy, cx in ((45, 60), (61, 180)):
+        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        probs[0][((d2 <= 49) & (d2 >= 9)) | (d2 <= 1)] = 0.8
+    probs[0, 5:26, 5:126] = 0.8
+    probs[0, 12:17, 10:14] = 0.0  # a 5 x 4 hole ...
+    probs[0, 14, 11] = 0.8        # ... with a one-pixel island
+    return probs
+
+
+def test_fill_holes_absorbs_islands_across_seams_exactly(tmp_path):
+    j = job(fill_holes=7.0)
+    data = holes_across_seams()
+    reference = canonical(all_at_once(data, SIZE, j))
+    assert len(all_at_once(data, SIZE, job())) == 6  # three containers, three islands
+    assert len(reference) == 3 and (reference.n_holes == 0).all()  # every island absorbed
+    for chunk in (64, 120):
+        got = streamed(tmp_path / f"c{chunk}", data, chunk, j)
+        pd.testing.assert_frame_equal(canonical(got), reference, check_exact=True, check_dtype=False)
+
+
+def test_hole_reach_bounds_a_seam_closed_hole():
+    """A ring that closes across a seam around an island: with hole filling the island must wait
+    for the client (it is absorbed there), so it lies within hole_reach of the seam."""
+    j = job(fill_holes=6.0)
+    # 6 m² / (0.5 x 0.25 m² per pixel, halved for the margin) = 48 pixels, + 2
+    assert j.hole_pixels == 48 and j.hole_reach == 50
+    assert job().hole_reach == 0
+    assert job(fill_holes=1e9).hole_reach == 2 * SIZE  # capped: every piece within reach
+    geographic = VectorJob(PROMPTS, THRESHOLDS, (0.001, 0, 10, 0, -0.001, 60), "EPSG:4326", SIZE, SIZE,
+                           fill_holes=1000.0)
+    # a 0.001° pixel at 60° N is about 111 m x 55.8 m; the smallest of the sampled pixels sets the reach
+    assert 2 * 1000 / (111.7e3 * 0.001 * 55.9e3 * 0.001) < geographic.hole_reach - 2 < 2 * 1000 / (111.3e3 * 0.001 * 55.5e3 * 0.001) + 1
