@@ -210,31 +210,41 @@ def _shapes_to_polygons(shapes: list[dict]) -> np.ndarray:
     return shapely.from_ragged_array(GeometryType.POLYGON, coords, (ring_off, geom_off))
 
 
-#: GeoJSON shapes turned into shapely at a time: the dicts cost ~1 KB per polygon, the shapely
-#: polygons a fraction of that, so a 1 M-polygon chunk never holds all its shapes as dicts.
+#: Components polygonized at a time. ``rasterio.features.shapes`` builds every polygon of its input
+#: in an in-memory OGR layer before yielding the first (~1 KB each) and the GeoJSON dicts cost as
+#: much again, so a speckle chunk of 1 M components polygonized at once peaked at 1.8 GB; in
+#: batches the peak follows the batch, and the shapely polygons kept are a fraction of that.
 _SHAPES_BATCH = 50_000
 
 
 def _label_polygons(labels: np.ndarray, mask: np.ndarray, transform: Affine, n: int) -> np.ndarray:
-    """Polygon ``i - 1`` of the 4-connected component labelled ``i``, for ``i`` in 1..n."""
+    """Normalized polygon ``i - 1`` of the 4-connected component labelled ``i``, for ``i`` in 1..n.
+
+    Components are polygonized in batches of consecutive labels, each from the rows its
+    components span, with every other label masked out: each component is still polygonized
+    whole (so the result is the same as in one call), and memory follows the batch.
+    """
     geoms = np.empty(n, dtype=object)
+    lab = labels[mask]
+    rows = np.nonzero(mask)[0]
+    first = np.full(n + 1, labels.shape[0], np.int64)
+    last = np.zeros(n + 1, np.int64)
+    np.minimum.at(first, lab, rows)
+    np.maximum.at(last, lab, rows)
+    del lab, rows
     seen = 0
-    batch: list[dict] = []
-    values: list[float] = []
-
-    def flush() -> None:
-        geoms[np.asarray(values, dtype=np.int64) - 1] = _shapes_to_polygons(batch)
-        batch.clear()
-        values.clear()
-
-    for geom, value in _features.shapes(labels, mask=mask, connectivity=4, transform=transform):
-        batch.append(geom)
-        values.append(value)
-        seen += 1
-        if len(batch) == _SHAPES_BATCH:
-            flush()
-    if batch:
-        flush()
+    for a in range(1, n + 1, _SHAPES_BATCH):
+        b = min(a + _SHAPES_BATCH, n + 1)
+        r0, r1 = int(first[a:b].min()), int(last[a:b].max()) + 1
+        band = labels[r0:r1]
+        keep = mask[r0:r1] & (band >= a) & (band < b)
+        shapes, values = [], []
+        for geom, value in _features.shapes(band, mask=keep, connectivity=4,
+                                            transform=transform * Affine.translation(0, r0)):
+            shapes.append(geom)
+            values.append(value)
+        seen += len(values)
+        geoms[np.asarray(values, dtype=np.int64) - 1] = shapely.normalize(_shapes_to_polygons(shapes))
     # a 4-connected component is exactly one polygon (holes included)
     if seen != n or any(g is None for g in geoms):
         raise RuntimeError(f"internal error: {seen} polygons for {n} components")
@@ -252,7 +262,8 @@ def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
         thresholds: one value per prompt in 0..1; a pixel is in the mask when ``prob >= threshold``.
 
     Returns:
-        :class:`Pieces` in global pixel coordinates. Pieces are 4-connected (edge neighbours), the
+        :class:`Pieces` in global pixel coordinates, geometry normalized. Pieces are 4-connected
+        (edge neighbours), the
         same rule :func:`merge_seams` uses across chunk borders, so chunking cannot change results.
 
     Why global *pixel* coordinates: vertices are exact integers, so the seam merge can compare and
@@ -484,10 +495,11 @@ def merge_groups(pieces: Pieces, group: np.ndarray) -> Pieces:
                   np.bincount(group, weights=pieces.sum_p, minlength=k), max_p)
 
 
-def canonical(pieces: Pieces) -> Pieces:
+def canonical(pieces: Pieces, normalized: bool = False) -> Pieces:
     """Normalized geometry in canonical order (prompt, top, left, bottom, right, pixel count): the
-    same mask gives the same pieces in the same order, whatever the chunk layout."""
-    geoms = shapely.normalize(pieces.geometry)
+    same mask gives the same pieces in the same order, whatever the chunk layout. ``normalized``:
+    the geometry is normalized already (:func:`polygonize_chunk`'s is), saving a copy of it."""
+    geoms = pieces.geometry if normalized else shapely.normalize(pieces.geometry)
     b = shapely.bounds(geoms).reshape(-1, 4)
     order = np.lexsort((pieces.n_px, b[:, 2], b[:, 3], b[:, 0], b[:, 1], pieces.prompt_index))
     return Pieces(pieces.prompt_index[order], geoms[order], pieces.n_px[order], pieces.sum_p[order],

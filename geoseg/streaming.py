@@ -70,7 +70,7 @@ import numpy as np
 import shapely
 
 from .atomic import atomic_target
-from .pieces import Pieces, canonical, components, merge_groups, merge_seams, read_pieces, seam_links, write_pieces
+from .pieces import Pieces, canonical, components, merge_groups, read_pieces, seam_links, write_pieces
 from .polygons import OUTPUT_COLUMNS, _Measure, finalize
 from .tiling import Region
 
@@ -218,7 +218,7 @@ def split_final(pieces: Pieces, region: Region, job: VectorJob) -> tuple[Pieces,
     bounds = shapely.bounds(pieces.geometry).reshape(-1, 4)
     deferred = linked_to(near_seam(bounds, region, job.height, job.width, job.hole_reach),
                          *neighbour_links(pieces, job))
-    final = merge_seams([_take(pieces, ~deferred)], [(region.row, region.col, region.height, region.width)])
+    final = canonical(_take(pieces, ~deferred), normalized=True)  # no seam inside a chunk: nothing merges
     return final, _take(pieces, deferred)
 
 
