@@ -188,14 +188,17 @@ def segment(input, quiet, no_polygons, **kw):
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes polygonizing chunks side by side (memory: about one chunk each) [default: one per "
+                   "CPU core].")
 @vector_options
 @handle_errors
-def vectorize(run_dir, quiet, **kw):
+def vectorize(run_dir, quiet, workers, **kw):
     """Re-threshold and re-vectorize RUN_DIR from its stored probabilities (no model run)."""
     from .pipeline import vectorize as run
 
     vector = _vector_config(kw)
-    path, n = run(run_dir, vector, progress=not quiet)
+    path, n = run(run_dir, vector, progress=not quiet, workers=workers)
     result(f"{path} ({n} polygons)", command="vectorize", run_dir=run_dir, polygons=path,
            layer="segments" if path.suffix == ".gpkg" else None, features=n, thresholds=list(vector.threshold))
 

@@ -1,8 +1,9 @@
 """Pixel space: one chunk's polygons (:class:`Pieces`), their persistence, and the seam merge.
 
-1. :func:`polygonize_chunk` — inside a chunk task: threshold, polygonize (4-connectivity) and
-   compute exact per-piece statistics. Geometry stays in **global pixel coordinates** (x = column,
-   y = row) so every vertex is an exact integer; nothing about the map (CRS, rotation) is needed yet.
+1. :func:`chunk_components` / :func:`polygonize_chunk` — inside a chunk task: threshold, label
+   (4-connectivity), compute exact per-piece statistics and polygonize, batch by batch. Geometry
+   stays in **global pixel coordinates** (x = column, y = row) so every vertex is an exact
+   integer; nothing about the map (CRS, rotation) is needed yet.
 2. :func:`write_pieces` / :func:`read_pieces` — persist one chunk's result atomically, so a crashed
    or retried run can resume without recomputing finished chunks.
 3. :func:`merge_seams` — join the pieces that a chunk border cut apart. Because coordinates are
@@ -36,8 +37,8 @@ from .atomic import atomic_target
 from .config import check_thresholds
 from .errors import ConfigError
 
-__all__ = ["Pieces", "polygonize_chunk", "write_pieces", "read_pieces", "merge_seams", "components",
-           "prompt_thresholds"]
+__all__ = ["Pieces", "Components", "chunk_components", "polygonize_chunk", "write_pieces", "read_pieces",
+           "merge_seams", "components", "prompt_thresholds"]
 
 _FORMAT_VERSION = 1
 
@@ -213,47 +214,72 @@ def _shapes_to_polygons(shapes: list[dict]) -> np.ndarray:
 #: Components polygonized at a time. ``rasterio.features.shapes`` builds every polygon of its input
 #: in an in-memory OGR layer before yielding the first (~1 KB each) and the GeoJSON dicts cost as
 #: much again, so a speckle chunk of 1 M components polygonized at once peaked at 1.8 GB; in
-#: batches the peak follows the batch, and the shapely polygons kept are a fraction of that.
+#: batches the peak follows the batch.
 _SHAPES_BATCH = 50_000
 
 
-def _label_polygons(labels: np.ndarray, mask: np.ndarray, transform: Affine, n: int) -> np.ndarray:
-    """Normalized polygon ``i - 1`` of the 4-connected component labelled ``i``, for ``i`` in 1..n.
+@dataclass(frozen=True)
+class Components:
+    """One prompt's 4-connected components in a chunk: the label image and exact statistics per
+    component, with the polygons made on demand, batch by batch.
 
-    Components are polygonized in batches of consecutive labels, each from the rows its
-    components span, with every other label masked out: each component is still polygonized
-    whole (so the result is the same as in one call), and memory follows the batch.
+    Everything the streaming rules decide on (bounding boxes, pixel counts, the canonical order)
+    is known from the labels alone, so a chunk task never needs all of its polygons at once: a
+    chunk of a million objects holds its labels (4 bytes a pixel) and one batch of polygons, not a
+    gigabyte of shapely objects.
     """
-    geoms = np.empty(n, dtype=object)
-    lab = labels[mask]
-    rows = np.nonzero(mask)[0]
-    first = np.full(n + 1, labels.shape[0], np.int64)
-    last = np.zeros(n + 1, np.int64)
-    np.minimum.at(first, lab, rows)
-    np.maximum.at(last, lab, rows)
-    del lab, rows
-    seen = 0
-    for a in range(1, n + 1, _SHAPES_BATCH):
-        b = min(a + _SHAPES_BATCH, n + 1)
-        r0, r1 = int(first[a:b].min()), int(last[a:b].max()) + 1
-        band = labels[r0:r1]
-        keep = mask[r0:r1] & (band >= a) & (band < b)
-        shapes, values = [], []
-        for geom, value in _features.shapes(band, mask=keep, connectivity=4,
-                                            transform=transform * Affine.translation(0, r0)):
-            shapes.append(geom)
-            values.append(value)
-        seen += len(values)
-        geoms[np.asarray(values, dtype=np.int64) - 1] = shapely.normalize(_shapes_to_polygons(shapes))
-    # a 4-connected component is exactly one polygon (holes included)
-    if seen != n or any(g is None for g in geoms):
-        raise RuntimeError(f"internal error: {seen} polygons for {n} components")
-    return geoms
+
+    prompt: int
+    labels: np.ndarray  # (h, w) int32: component id + 1, 0 = none
+    row_off: int
+    col_off: int
+    n_px: np.ndarray    # (n,) int64
+    sum_p: np.ndarray   # (n,) float64
+    max_p: np.ndarray   # (n,) float32
+    bounds: np.ndarray  # (n, 4) float64 (minx, miny, maxx, maxy) in global pixels: the polygon's bounds
+
+    def __len__(self) -> int:
+        return len(self.n_px)
+
+    def polygons(self, ids: np.ndarray) -> np.ndarray:
+        """Normalized polygons of components ``ids`` (0-based), in that order.
+
+        ``ids`` are polygonized :data:`_SHAPES_BATCH` at a time, each batch from the rows its
+        components span with every other component masked out: a component is always polygonized
+        whole, so the polygon is the same whatever the batch."""
+        ids = np.asarray(ids, np.int64)
+        out = np.empty(len(ids), dtype=object)
+        chosen = np.zeros(len(self) + 1, bool)
+        where = np.zeros(len(self) + 1, np.int64)
+        for start in range(0, len(ids), _SHAPES_BATCH):
+            batch = ids[start:start + _SHAPES_BATCH]
+            r0 = int(self.bounds[batch, 1].min()) - self.row_off
+            r1 = int(self.bounds[batch, 3].max()) - self.row_off
+            chosen[batch + 1] = True
+            where[batch + 1] = np.arange(start, start + len(batch))
+            band = self.labels[r0:r1]
+            shapes, values = [], []
+            for geom, value in _features.shapes(band, mask=chosen[band], connectivity=4,
+                                                transform=Affine.translation(self.col_off, self.row_off + r0)):
+                shapes.append(geom)
+                values.append(value)
+            chosen[batch + 1] = False
+            # a 4-connected component is exactly one polygon (holes included)
+            if len(values) != len(batch):
+                raise RuntimeError(f"internal error: {len(values)} polygons for {len(batch)} components")
+            out[where[np.asarray(values, dtype=np.int64)]] = shapely.normalize(_shapes_to_polygons(shapes))
+        return out
+
+    def pieces(self, ids: np.ndarray | None = None) -> Pieces:
+        """Components ``ids`` (default all, in label order) as :class:`Pieces`."""
+        ids = np.arange(len(self)) if ids is None else np.asarray(ids, np.int64)
+        return Pieces(np.full(len(ids), self.prompt, np.int32), self.polygons(ids), self.n_px[ids],
+                      self.sum_p[ids], self.max_p[ids])
 
 
-def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off: int,
-                     thresholds: Sequence[float]) -> Pieces:
-    """Threshold one chunk's blended probabilities and polygonize each prompt's mask.
+def chunk_components(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off: int,
+                     thresholds: Sequence[float]) -> list[Components]:
+    """Threshold one chunk's blended probabilities and label each prompt's mask (no polygons yet).
 
     Args:
         probs: float32 ``(P, h, w)`` probabilities of the chunk's own region; NaN = nodata.
@@ -261,16 +287,10 @@ def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
         row_off, col_off: global pixel offset of the region's top-left pixel.
         thresholds: one value per prompt in 0..1; a pixel is in the mask when ``prob >= threshold``.
 
-    Returns:
-        :class:`Pieces` in global pixel coordinates, geometry normalized. Pieces are 4-connected
-        (edge neighbours), the
-        same rule :func:`merge_seams` uses across chunk borders, so chunking cannot change results.
-
-    Why global *pixel* coordinates: vertices are exact integers, so the seam merge can compare and
-    union geometry exactly; the (possibly rotated) map transform is applied once, in :func:`finalize`.
-    Stats are exact: connected components are labelled first (``scipy.ndimage.label``, the same
-    4-connectivity), the label image is polygonized (one polygon per label) and counted with
-    ``bincount``. Burning 80,000 polygons back with ``rasterize`` instead took 60 s per 4096² chunk.
+    Returns one :class:`Components` per prompt with at least one pixel in its mask. Components are
+    4-connected (edge neighbours), the same rule :func:`merge_seams` uses across chunk borders, so
+    chunking cannot change results. Stats are exact: components are labelled
+    (``scipy.ndimage.label``) and counted with ``bincount``; each label becomes one polygon.
     """
     probs = np.asarray(probs)
     if probs.ndim != 3:
@@ -281,9 +301,8 @@ def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
         raise ConfigError(f"valid has shape {valid.shape}, expected {(h, w)} to match probs")
     t = prompt_thresholds(thresholds, n_prompts)
     row_off, col_off = int(row_off), int(col_off)
-    transform = Affine.translation(col_off, row_off)
 
-    parts = []
+    out = []
     for p in range(n_prompts):
         prob = probs[p]
         with np.errstate(invalid="ignore"):
@@ -291,14 +310,38 @@ def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
         if not mask.any():
             continue
         labels, n = ndimage.label(mask, structure=_FOUR_CONNECTED)
-        geoms = _label_polygons(labels, mask, transform, n)
         lab, vals = labels[mask], prob[mask]
         n_px = np.bincount(lab, minlength=n + 1)[1:]
         sum_p = np.bincount(lab, weights=vals.astype(np.float64), minlength=n + 1)[1:]
         max_p = np.full(n + 1, -np.inf, dtype=np.float32)
         np.maximum.at(max_p, lab, vals.astype(np.float32))  # 200x faster than ndimage.maximum here
-        parts.append(Pieces(np.full(n, p, np.int32), geoms, n_px, sum_p, max_p[1:]))
-    return Pieces.concat(parts)
+        del vals
+        rows, cols = np.nonzero(mask)
+        del mask
+        lo_r, lo_c = np.full(n + 1, h, np.int64), np.full(n + 1, w, np.int64)
+        hi_r, hi_c = np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
+        np.minimum.at(lo_r, lab, rows)
+        np.maximum.at(hi_r, lab, rows)
+        np.minimum.at(lo_c, lab, cols)
+        np.maximum.at(hi_c, lab, cols)
+        bounds = np.stack([lo_c[1:] + col_off, lo_r[1:] + row_off, hi_c[1:] + 1 + col_off, hi_r[1:] + 1 + row_off],
+                          axis=1).astype(np.float64)
+        out.append(Components(p, labels, row_off, col_off, n_px, sum_p, max_p[1:], bounds))
+    return out
+
+
+def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off: int,
+                     thresholds: Sequence[float]) -> Pieces:
+    """Every component of :func:`chunk_components` as a polygon, in prompt and label order.
+
+    Returns :class:`Pieces` in global pixel coordinates, geometry normalized.
+
+    Why global *pixel* coordinates: vertices are exact integers, so the seam merge can compare and
+    union geometry exactly; the (possibly rotated) map transform is applied once, in :func:`finalize`.
+    Polygons come from the label image (one polygon per label), so the stats stay exact: burning
+    80,000 polygons back with ``rasterize`` instead took 60 s per 4096² chunk.
+    """
+    return Pieces.concat([c.pieces() for c in chunk_components(probs, valid, row_off, col_off, thresholds)])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .atomic import write_json_atomic
 from .classes import class_map, exclusive, write_class_part, write_classes
 from .config import SegmentConfig, VectorizeConfig
 from .model import SegmenterFactory, clipseg_factory
-from .pieces import Pieces, polygonize_chunk
+from .pieces import chunk_components
 from .prompts import PromptPlan, build_plan, embeddings_sha256
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, read_probabilities, write_cog, write_vrt
 from .rundir import (
@@ -48,10 +49,8 @@ from .streaming import (
     SeamSource,
     TableSource,
     VectorJob,
-    finalized_tables,
     part_seams,
     part_tables,
-    split_final,
     ticking,
     write_chunk_polygons,
 )
@@ -189,8 +188,8 @@ def ensure_chunk_polygons(run_dir: Path, region: Region, vjob: VectorJob, info: 
         with bounded_gdal_cache():
             write_class_part(part_path(run_dir, region.name, CLASS_PART), labels, info, region)
         probs = exclusive(probs, labels)
-    pieces = polygonize_chunk(probs, valid, region.row, region.col, vjob.thresholds)
-    write_chunk_polygons(run_dir, region.name, pieces, region, vjob)
+    comps = chunk_components(probs, valid, region.row, region.col, vjob.thresholds)
+    write_chunk_polygons(run_dir, region.name, comps, region, vjob)
     data = json.loads(record.read_text())
     data["vector_key"] = vjob.key()
     write_json_atomic(record, data)
@@ -255,46 +254,78 @@ class _GridInfo:
         self.region_transform = lambda r: self.transform @ Affine.translation(r.col, r.row)
 
 
-def _given(pieces: Pieces) -> Pieces:
-    return pieces
-
-
-def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = False) -> tuple[Path, int]:
-    """Re-threshold and re-vectorize a finished run from its probability COG; no model run.
-
-    Reads the COG chunk by chunk on the run's own chunk grid (memory bounded by one chunk) and
-    streams the polygons exactly as ``segment`` does (same stages, same row order), so the result
-    equals a fresh ``segment`` run at the new threshold.
-    """
+def _vectorize_chunk(run_dir: Path, parts: Path, vjob: VectorJob, classes: bool, region: Region) -> str:
+    """One chunk of :func:`vectorize` (in a worker process): read its probabilities, remake its class
+    part (the class map follows the new thresholds too), write its polygon parts under ``parts``."""
     import rasterio
 
-    run_dir = Path(run_dir)
+    with bounded_gdal_cache(), rasterio.open(run_dir / PROBABILITIES) as src:
+        probs = read_probabilities(src, window=((region.row, region.row_stop), (region.col, region.col_stop)))
+        valid = np.isfinite(probs).all(axis=0)
+        if classes:
+            labels = class_map(probs, valid, vjob.thresholds)
+            write_class_part(part_path(run_dir, region.name, CLASS_PART), labels, _GridInfo(src), region)
+            probs = exclusive(probs, labels)
+    comps = chunk_components(probs, valid, region.row, region.col, vjob.thresholds)
+    del probs, valid
+    write_chunk_polygons(parts, region.name, comps, region, vjob)
+    return region.name
+
+
+def _map_chunks(work: Callable[[Region], str], regions: Sequence[Region], workers: int) -> Iterator[str]:
+    """``work`` over ``regions``, results in order: in this process, or in ``workers`` fresh
+    processes (``spawn``: the client holds a GDAL writer thread, which must not be forked)."""
+    if workers <= 1 or len(regions) <= 1:
+        yield from map(work, regions)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(work, regions)
+
+
+def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = False,
+              workers: int | None = None) -> tuple[Path, int]:
+    """Re-threshold and re-vectorize a finished run from its probability COG; no model run.
+
+    Chunks are polygonized on the run's own chunk grid by ``workers`` processes (default: one per
+    CPU core; memory about one chunk each), through the same chunk stage as ``segment``, into a
+    temporary parts folder, and streamed into the output exactly as ``segment`` does (same rules,
+    same row order), so the result equals a fresh ``segment`` run at the new threshold.
+    """
+    import shutil
+    import tempfile
+
+    import rasterio
+
+    run_dir = Path(run_dir).absolute()
     manifest = load_finished_run(run_dir)
     prompts = manifest.prompts
     thresholds = vector.thresholds_for(len(prompts))
     regions = manifest.regions()
     classes = bool(manifest.options.get("classes"))
     path = run_dir / polygons_name(vector.vector_format)
-    with bounded_gdal_cache(), rasterio.open(run_dir / PROBABILITIES) as src:
+    for stale in run_dir.glob(".vectorize-*"):  # left by a killed vectorize
+        shutil.rmtree(stale, ignore_errors=True)
+    with rasterio.open(run_dir / PROBABILITIES) as src:
         vjob = vector_job(vector, prompts, src.transform, src.crs.to_wkt() if src.crs else None,
                           src.height, src.width, exclusive=classes)
-        with PolygonOutput(path, regions, vjob, progress) as out:
-            from tqdm.auto import tqdm
+        grid = _GridInfo(src)
+    n_workers = min(workers or os.cpu_count() or 1, len(regions))
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".vectorize-") as tmp, \
+            PolygonOutput(path, regions, vjob, progress) as out:
+        from tqdm.auto import tqdm
 
-            for r in tqdm(regions, unit="chunk", desc="vectorize", disable=not progress):
-                probs = read_probabilities(src, window=((r.row, r.row_stop), (r.col, r.col_stop)))
-                valid = np.isfinite(probs).all(axis=0)
-                if classes:  # the class map follows the new thresholds too
-                    labels = class_map(probs, valid, thresholds)
-                    write_class_part(part_path(run_dir, r.name, CLASS_PART), labels, _GridInfo(src), r)
-                    probs = exclusive(probs, labels)
-                pieces = polygonize_chunk(probs, valid, r.row, r.col, thresholds)
-                final, deferred = split_final(pieces, r, vjob)
-                del pieces
-                out.add(r.name, functools.partial(finalized_tables, final, vjob), functools.partial(_given, deferred))
-            features = out.finish()
-        if classes:
-            write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in regions], _GridInfo(src), prompts)
+        parts = Path(tmp)
+        (parts / PARTS).mkdir()
+        work = functools.partial(_vectorize_chunk, run_dir, parts, vjob, classes)
+        for name in tqdm(_map_chunks(work, regions, n_workers), total=len(regions), unit="chunk",
+                         desc="vectorize", disable=not progress):
+            out.add(name, *chunk_sources(parts, name))
+        features = out.finish()
+    if classes:
+        write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in regions], grid, prompts)
     if features == 0:
         log.warning("no pixel reached the threshold %s: wrote an empty layer to %s", thresholds, path)
     manifest.vectorize_runs.append({"at": now(), **asdict(vector), "features": features})

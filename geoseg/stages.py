@@ -24,7 +24,7 @@ from .atomic import write_json_atomic
 from .blend import accumulate, new_accumulators, normalise
 from .classes import class_map, exclusive, write_class_part
 from .model import Segmenter, SegmenterFactory, TensorSegmenter, cached_segmenter
-from .pieces import polygonize_chunk
+from .pieces import chunk_components
 from .prompts import apply_negatives
 from .raster import (
     RasterInfo,
@@ -233,9 +233,9 @@ def finish_chunk(job: ChunkJob, tiles: ChunkTiles, inference: ChunkInference) ->
         probs = exclusive(probs, labels)
     n_pieces = 0
     if job.vector is not None:
-        pieces = polygonize_chunk(probs, own_valid, region.row, region.col, job.thresholds)
-        write_chunk_polygons(job.run_dir, region.name, pieces, region, job.vector)
-        n_pieces = len(pieces)
+        comps = chunk_components(probs, own_valid, region.row, region.col, job.thresholds)
+        write_chunk_polygons(job.run_dir, region.name, comps, region, job.vector)
+        n_pieces = sum(len(c) for c in comps)
     seconds = tiles.seconds + inference.seconds + time.perf_counter() - start
     result = ChunkResult(name=region.name, region=region, tiles=tiles.touching, model_tiles=len(tiles.tiles),
                          pieces=n_pieces, seconds=round(seconds, 3), worker=inference.worker,

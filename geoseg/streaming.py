@@ -70,14 +70,14 @@ import numpy as np
 import shapely
 
 from .atomic import atomic_target
-from .pieces import Pieces, canonical, components, merge_groups, read_pieces, seam_links, write_pieces
+from .pieces import Components, Pieces, canonical, components, merge_groups, read_pieces, seam_links, write_pieces
 from .polygons import OUTPUT_COLUMNS, _Measure, finalize
 from .tiling import Region
 
 log = logging.getLogger(__name__)
 
 #: Rows finalized and written at a time: bounds the memory of one chunk's final polygons.
-BATCH_ROWS = 200_000
+BATCH_ROWS = 50_000
 #: Suffixes of a chunk's vector parts in ``parts/``.
 FINAL_SUFFIX = ".polygons.parquet"
 SEAM_SUFFIX = ".seam"
@@ -166,27 +166,35 @@ def near_seam(bounds: np.ndarray, region: Region, height: int, width: int, reach
             | (((region.row_stop - bounds[:, 3]) <= reach) & (region.row_stop < height)))
 
 
-def neighbour_links(pieces: Pieces, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of pieces whose finalize results may depend on each other (besides seam merges).
+def small_holes(geoms: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, bounds) of the holes that ``fill_holes`` may fill (at most :attr:`VectorJob.hole_pixels`
+    pixels): ``owner`` indexes ``geoms`` (pixel space)."""
+    with_holes = np.flatnonzero(shapely.get_num_interior_rings(geoms) > 0)
+    rings, owner = shapely.get_rings(geoms[with_holes], return_index=True)
+    hole = np.zeros(len(owner), bool)
+    hole[1:] = owner[1:] == owner[:-1]  # each polygon's exterior comes first
+    holes, owner = shapely.polygons(rings[hole]), with_holes[owner[hole]]
+    small = shapely.area(holes) <= job.hole_pixels
+    return owner[small], shapely.bounds(holes[small]).reshape(-1, 4)
 
-    Under ``fill_holes``: a piece with a hole that may be filled (at most ``hole_pixels`` pixels)
-    and every piece inside that hole's bounding box (an island it may absorb). For a class map:
-    pieces whose bounding boxes meet (touching polygons are noded together)."""
+
+def neighbour_links(bounds: np.ndarray, job: VectorJob, holes: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of pieces (by their ``bounds``) whose finalize results may depend on each other,
+    besides seam merges.
+
+    Under ``fill_holes``: the owner of each of ``holes`` (:func:`small_holes`) and every piece
+    inside that hole's bounding box (an island it may absorb). For a class map: pieces whose
+    bounding boxes meet (touching polygons are noded together)."""
     none = np.empty(0, np.int64)
-    if len(pieces) < 2 or not (job.exclusive or job.fill_holes > 0):
+    if len(bounds) < 2 or not (job.exclusive or job.fill_holes > 0):
         return none, none
-    b = shapely.bounds(pieces.geometry)
-    tree = shapely.STRtree(shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3]))
+    tree = shapely.STRtree(shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3]))
     u, v = [none], [none]
-    if job.fill_holes > 0:
-        with_holes = np.flatnonzero(shapely.get_num_interior_rings(pieces.geometry) > 0)
-        rings, owner = shapely.get_rings(pieces.geometry[with_holes], return_index=True)
-        hole = np.zeros(len(owner), bool)
-        hole[1:] = owner[1:] == owner[:-1]  # each polygon's exterior comes first
-        holes, owner = shapely.polygons(rings[hole]), with_holes[owner[hole]]
-        small = shapely.area(holes) <= job.hole_pixels
-        i, j = tree.query(shapely.envelope(holes[small]), predicate="covers")
-        u.append(owner[small][i])
+    if job.fill_holes > 0 and holes is not None and len(holes[0]):
+        owner, hb = holes
+        i, j = tree.query(shapely.box(hb[:, 0], hb[:, 1], hb[:, 2], hb[:, 3]), predicate="covers")
+        u.append(owner[i])
         v.append(j)
     if job.exclusive:
         i, j = tree.query(tree.geometries, predicate="intersects")
@@ -208,18 +216,6 @@ def linked_to(seed: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _take(pieces: Pieces, sel: np.ndarray | slice) -> Pieces:
     return Pieces(pieces.prompt_index[sel], pieces.geometry[sel], pieces.n_px[sel], pieces.sum_p[sel],
                   pieces.max_p[sel])
-
-
-def split_final(pieces: Pieces, region: Region, job: VectorJob) -> tuple[Pieces, Pieces]:
-    """(final, deferred): final pieces in canonical form and order; deferred ones go to the client:
-    pieces near a seam and every piece linked to one (module docstring)."""
-    if not job.chunk_local:
-        return Pieces.empty(), pieces
-    bounds = shapely.bounds(pieces.geometry).reshape(-1, 4)
-    deferred = linked_to(near_seam(bounds, region, job.height, job.width, job.hole_reach),
-                         *neighbour_links(pieces, job))
-    final = canonical(_take(pieces, ~deferred), normalized=True)  # no seam inside a chunk: nothing merges
-    return final, _take(pieces, deferred)
 
 
 def to_arrow(gdf, vector_format: str):
@@ -259,26 +255,104 @@ def finalized_tables(pieces: Pieces, job: VectorJob) -> Iterator[Any]:
             yield to_arrow(gdf, job.vector_format)
 
 
-def write_chunk_polygons(run_dir: Path | str, name: str, pieces: Pieces, region: Region, job: VectorJob) -> int:
-    """In the chunk task: finalize the chunk's final pieces into its parquet part and keep the
-    seam pieces for the client, both atomically. Returns the number of final rows."""
+class ChunkPieces:
+    """A chunk's components of every prompt (:class:`geoseg.pieces.Components`) seen as one
+    indexed set: bounds and stats as arrays, polygons made on demand for any subset."""
+
+    def __init__(self, comps: Sequence[Components]):
+        self.comps = list(comps)
+        self.offsets = np.cumsum([0] + [len(c) for c in self.comps])
+        self.prompt = np.concatenate([np.full(len(c), c.prompt, np.int32) for c in self.comps]
+                                     + [np.zeros(0, np.int32)])
+        self.bounds = np.concatenate([c.bounds for c in self.comps] + [np.zeros((0, 4))])
+        self.n_px = np.concatenate([c.n_px for c in self.comps] + [np.zeros(0, np.int64)])
+        self.sum_p = np.concatenate([c.sum_p for c in self.comps] + [np.zeros(0)])
+        self.max_p = np.concatenate([c.max_p for c in self.comps] + [np.zeros(0, np.float32)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def pieces(self, ids: np.ndarray) -> Pieces:
+        """Pieces ``ids`` in that order, polygonized prompt by prompt, batch by batch."""
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        geoms = np.empty(len(ids), dtype=object)
+        for k, comp in enumerate(self.comps):
+            sel = np.flatnonzero(which == k)
+            if len(sel):
+                geoms[sel] = comp.polygons(ids[sel] - self.offsets[k])
+        return Pieces(self.prompt[ids], geoms, self.n_px[ids], self.sum_p[ids], self.max_p[ids])
+
+    def holes(self, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`small_holes` of every piece with room for a hole (3 x 3 pixels), a batch at a time."""
+        w, h = (self.bounds[:, 2] - self.bounds[:, 0]), (self.bounds[:, 3] - self.bounds[:, 1])
+        roomy = np.flatnonzero((w >= 3) & (h >= 3))
+        owners, boxes = [np.zeros(0, np.int64)], [np.zeros((0, 4))]
+        for start in range(0, len(roomy), BATCH_ROWS):
+            ids = roomy[start:start + BATCH_ROWS]
+            owner, hb = small_holes(self.pieces(ids).geometry, job)
+            owners.append(ids[owner])
+            boxes.append(hb)
+        return np.concatenate(owners), np.concatenate(boxes)
+
+
+def _batches(order: np.ndarray, group: np.ndarray | None) -> Iterator[np.ndarray]:
+    """``order`` cut into runs of about :data:`BATCH_ROWS`; with ``group``, only between positions
+    that no group spans (pieces that may interact are finalized in the same call)."""
+    if group is None or len(order) == 0:
+        for start in range(0, len(order), BATCH_ROWS):
+            yield order[start:start + BATCH_ROWS]
+        return
+    g = group[order]
+    last = np.zeros(int(g.max()) + 1, np.int64)
+    np.maximum.at(last, g, np.arange(len(order)))
+    cuttable = np.flatnonzero(np.maximum.accumulate(last[g]) == np.arange(len(order)))  # cut after these
+    start = 0
+    while start < len(order):
+        k = np.searchsorted(cuttable, start + BATCH_ROWS - 1)
+        stop = int(cuttable[k]) + 1 if k < len(cuttable) else len(order)
+        yield order[start:stop]
+        start = stop
+
+
+def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Components], region: Region,
+                         job: VectorJob) -> int:
+    """In the chunk task: decide which pieces are final (module docstring), finalize those into the
+    chunk's parquet part in canonical order, a batch at a time, and keep the deferred ones as pixel
+    pieces for the client; both atomically. Returns the number of final rows.
+
+    Memory follows one batch of polygons plus the deferred pieces, not the chunk's object count."""
     import pyarrow.parquet as pq
 
     from .rundir import part_path
 
-    final, deferred = split_final(pieces, region, job)
-    write_pieces(part_path(run_dir, name, SEAM_SUFFIX), deferred)
+    cp = ChunkPieces(comps)
+    n = len(cp)
+    group = None
+    if not job.chunk_local:
+        deferred = np.ones(n, bool)
+    else:
+        seed = near_seam(cp.bounds, region, job.height, job.width, job.hole_reach)
+        u, v = neighbour_links(cp.bounds, job, cp.holes(job) if job.fill_holes > 0 else None)
+        group = components(n, u, v) if len(u) else None
+        deferred = np.isin(group, group[seed]) if group is not None else seed
+    write_pieces(part_path(run_dir, name, SEAM_SUFFIX), canonical(cp.pieces(np.flatnonzero(deferred)), normalized=True))
+    final = np.flatnonzero(~deferred)
+    b = cp.bounds[final]
+    order = final[np.lexsort((cp.n_px[final], b[:, 2], b[:, 3], b[:, 0], b[:, 1], cp.prompt[final]))]
     rows = 0
     with atomic_target(part_path(run_dir, name, FINAL_SUFFIX)) as tmp:
         writer = None
-        for table in finalized_tables(final, job):
+        for ids in _batches(order, None if job.per_polygon else group):
+            gdf = job.finalize(cp.pieces(ids))  # canonical: normalized polygons in canonical order
+            if len(gdf) == 0:
+                continue
+            table = to_arrow(gdf, job.vector_format)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
             rows += table.num_rows
         if writer is None:
-            empty = to_arrow(job.finalize(Pieces.empty()), job.vector_format)
-            pq.write_table(empty, tmp)
+            pq.write_table(to_arrow(job.finalize(Pieces.empty()), job.vector_format), tmp)
         else:
             writer.close()
     return rows
@@ -496,8 +570,10 @@ class PolygonOutput:
         u, v = seam_links(pool, self._reg[chunk], chunk)
         group = components(len(pool), u, v) if len(u) else np.arange(len(pool))
         merged = merge_groups(pool, group)
-        reach = shapely.bounds(merged.geometry)[:, 3] >= frontier - self.job.hole_reach
-        kept = linked_to(below & reach, *neighbour_links(merged, self.job))
+        bounds = shapely.bounds(merged.geometry)
+        holes = small_holes(merged.geometry, self.job) if self.job.fill_holes > 0 else None
+        kept = linked_to(below & (bounds[:, 3] >= frontier - self.job.hole_reach),
+                         *neighbour_links(bounds, self.job, holes))
         if not kept.all():
             self._write(finalized_tables(canonical(_take(merged, ~kept)), self.job))
         self._pool, self._pool_chunk = _take(pool, kept[group]), chunk[kept[group]]

@@ -15,7 +15,7 @@ import shapely
 from affine import Affine
 
 from geoseg.classes import class_map, exclusive
-from geoseg.pieces import merge_seams, polygonize_chunk
+from geoseg.pieces import Pieces, chunk_components, merge_seams
 from geoseg.streaming import (
     FINAL_SUFFIX,
     SEAM_SUFFIX,
@@ -62,20 +62,24 @@ def regions_of(chunk: int) -> list[Region]:
             for r in range(0, SIZE, chunk) for c in range(0, SIZE, chunk)]
 
 
-def pieces_of(probs, regions):
+def components_of(probs, regions):
     valid = np.ones(probs.shape[1:], bool)
     if probs is CLASSES:  # a class map's pieces, as segment --classes makes them
         probs = exclusive(probs, class_map(probs, valid, THRESHOLDS))
-    return [polygonize_chunk(probs[:, r.row:r.row_stop, r.col:r.col_stop], valid[r.row:r.row_stop, r.col:r.col_stop],
+    return [chunk_components(probs[:, r.row:r.row_stop, r.col:r.col_stop], valid[r.row:r.row_stop, r.col:r.col_stop],
                              r.row, r.col, THRESHOLDS) for r in regions]
+
+
+def pieces_of(probs, regions):
+    return [Pieces.concat([c.pieces() for c in comps]) for comps in components_of(probs, regions)]
 
 
 def streamed(tmp: Path, probs, chunk: int, job: VectorJob, order=None, stats: dict | None = None) -> gpd.GeoDataFrame:
     """Chunk tasks' parts, then the client's streamed file (chunks added in ``order``)."""
     regions = regions_of(chunk)
     (tmp / "parts").mkdir(parents=True, exist_ok=True)
-    for r, pieces in zip(regions, pieces_of(probs, regions)):
-        write_chunk_polygons(tmp, r.name, pieces, r, job)
+    for r, comps in zip(regions, components_of(probs, regions)):
+        write_chunk_polygons(tmp, r.name, comps, r, job)
     path = tmp / f"polygons.{job.vector_format}"
     with PolygonOutput(path, regions, job) as out:
         for r in (order(regions) if order else regions):
@@ -237,4 +241,5 @@ def test_hole_reach_bounds_a_seam_closed_hole():
     geographic = VectorJob(PROMPTS, THRESHOLDS, (0.001, 0, 10, 0, -0.001, 60), "EPSG:4326", SIZE, SIZE,
                            fill_holes=1000.0)
     # a 0.001° pixel at 60° N is about 111 m x 55.8 m; the smallest of the sampled pixels sets the reach
-    assert 2 * 1000 / (111.7e3 * 0.001 * 55.9e3 * 0.001) < geographic.hole_reach - 2 < 2 * 1000 / (111.3e3 * 0.001 * 55.5e3 * 0.001) + 1
+    low, high = (2 * 1000 / (111.7e3 * 0.001 * 55.9e3 * 0.001), 2 * 1000 / (111.3e3 * 0.001 * 55.5e3 * 0.001) + 1)
+    assert low < geographic.hole_pixels < high
