@@ -13,7 +13,7 @@ import pyproj
 import pytest
 import shapely
 
-from geoseg.polygons import MEASURE_MAX_ERROR, _Measure
+from geoseg.polygons import _ESTIMATE_MARGIN, MEASURE_MAX_ERROR, _Measure
 
 CASES = {  # CRS, lon, lat
     "utm-central": ("EPSG:32633", 15.0, 45.0),
@@ -80,6 +80,22 @@ def test_within_1e6_of_the_truth(case, extent_m):
     # the bar of issue 12; measured errors are <= 1.5e-7 (bench/README.md, bench_measures.py)
     assert np.abs(area / true_area - 1).max() <= MEASURE_MAX_ERROR
     assert np.abs(perim / true_perim - 1).max() <= MEASURE_MAX_ERROR
+
+
+@pytest.mark.parametrize("extent_m", [1000, 2000])
+@pytest.mark.parametrize("case", list(CASES))
+def test_estimated_polygons_keep_the_estimates_margin(case, extent_m):
+    """Polygons past the size threshold that the estimate accepts are within bar / margin (1e-7).
+
+    Non-conformal projections (Albers, Web Mercator on the ellipsoid) need the perimeter with the
+    metric linear over the box here: with G at the boundary centroid alone, Albers at 1 km is 2e-7.
+    """
+    m, geoms, size = polygons(case, extent_m)
+    area, perim, fast = m._by_jacobian(geoms)
+    true_area, true_perim = truth(CASES[case][0], geoms, size)
+    bar = MEASURE_MAX_ERROR / _ESTIMATE_MARGIN
+    assert np.abs(area / true_area - 1)[fast].max(initial=0) <= bar
+    assert np.abs(perim / true_perim - 1)[fast].max(initial=0) <= bar
 
 
 @pytest.mark.parametrize("case", ["utm-edge-70N", "polar-89N", "webmercator-70N"])
