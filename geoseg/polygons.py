@@ -538,6 +538,19 @@ def _split_antimeridian(geoms: np.ndarray) -> np.ndarray:
     return out
 
 
+def _count_holes(geoms: np.ndarray) -> np.ndarray:
+    """Interior rings per geometry (all parts of a multipolygon together), int32.
+
+    Pixel pieces are nearly always plain polygons: then no ``get_parts`` copy (~5 % of a speckle
+    vectorize) is needed.
+    """
+    if np.all(shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON):
+        return shapely.get_num_interior_rings(geoms).astype(np.int32)
+    parts, part_owner = shapely.get_parts(geoms, return_index=True)
+    return np.bincount(part_owner, weights=shapely.get_num_interior_rings(parts),
+                       minlength=len(geoms)).astype(np.int32)
+
+
 def _empty_frame(crs: Any):
     import geopandas as gpd
     import pandas as pd
@@ -644,9 +657,7 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     if not measure.measurable:
         area = np.full(len(geoms), np.nan)
         perim = np.full(len(geoms), np.nan)
-    parts, part_owner = shapely.get_parts(geoms, return_index=True)
-    n_holes = np.bincount(part_owner, weights=shapely.get_num_interior_rings(parts),
-                          minlength=len(geoms)).astype(np.int32)
+    n_holes = _count_holes(geoms)
 
     prompt_names = np.array(prompts, dtype=object)
     gdf = gpd.GeoDataFrame(
