@@ -44,12 +44,13 @@ MEASURE_MAX_ERROR = 1e-6
 _ESTIMATE_MARGIN = 10.0
 #: Ground size (m: bbox diagonal × the largest local linear distortion, max(σ₁, 1/σ₂)) below which
 #: a polygon takes the Jacobian path with no error estimate. Conformal projections: the error is
-#: second order, ~(L·k/R)², measured ≤ 1e-8 at 1 km (bench/bench_measures.py: UTM, Web Mercator
-#: to 70° N, state plane, polar stereographic to 89° N), 100x under the bar.
+#: second order, ~(L·k/R)², measured ≤ 2.4e-9 at 1 km (bench/bench_measures.py: UTM, state plane,
+#: polar stereographic to 89° N), 400x under the bar.
 _SMALL_POLYGON_M = 1000.0
-#: The same for non-conformal projections: their perimeter keeps a first-order anisotropic term,
-#: linear in the size (Albers 5070 at 47° N: 2e-8 at 100 m, 2e-7 at 1 km), so 10x smaller. Larger
-#: polygons take the perimeter with G linear over their box, which removes that term.
+#: The same for non-conformal projections (Albers; Web Mercator, which is not conformal on the
+#: ellipsoid): their perimeter keeps a first-order anisotropic term, linear in the size (Albers 5070
+#: at 47° N: 2e-8 at 100 m, 2e-7 at 1 km), so 10x smaller. Larger polygons take the perimeter with
+#: the metric linear over their box (:func:`_linear_perimeter`), which removes that term.
 _SMALL_POLYGON_NONCONFORMAL_M = 100.0
 
 
