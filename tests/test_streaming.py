@@ -243,3 +243,23 @@ def test_hole_reach_bounds_a_seam_closed_hole():
     # a 0.001° pixel at 60° N is about 111 m x 55.8 m; the smallest of the sampled pixels sets the reach
     low, high = (2 * 1000 / (111.7e3 * 0.001 * 55.9e3 * 0.001), 2 * 1000 / (111.3e3 * 0.001 * 55.5e3 * 0.001) + 1)
     assert low < geographic.hole_pixels < high
+
+
+@pytest.mark.parametrize("options", ["plain", "fill_holes", "classes+fill_holes"])
+def test_tiny_batches_give_the_same_file(tmp_path, probs, options, monkeypatch):
+    """Polygons made 5 at a time and finalized ~7 rows at a time (never cutting a group of linked
+    pieces, whose island absorption and noding need each other) give the one-batch result."""
+    import geoseg.pieces
+    import geoseg.streaming
+
+    j = job(**OPTIONS[options])
+    data = CLASSES if j.exclusive else probs
+    reference = canonical(all_at_once(data, 100, j))
+    seen: list[int] = []
+    real = geoseg.streaming.VectorJob.finalize
+    monkeypatch.setattr(geoseg.streaming, "BATCH_ROWS", 7)
+    monkeypatch.setattr(geoseg.pieces, "_SHAPES_BATCH", 5)
+    monkeypatch.setattr(geoseg.streaming.VectorJob, "finalize", lambda self, p: seen.append(len(p)) or real(self, p))
+    got = streamed(tmp_path, data, 100, j)
+    pd.testing.assert_frame_equal(canonical(got), reference, check_exact=True, check_dtype=False)
+    assert sum(1 for n in seen if 0 < n <= 7) > 20  # the chunks really worked in small batches
