@@ -11,6 +11,7 @@ import math
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyogrio
 import pytest
 import shapely
@@ -120,6 +121,23 @@ def test_vectorize_equals_fresh_segment(tmp_path, inproc_client):
     assert np.allclose(sorted(a.mean_prob), sorted(b.mean_prob))
     runs = json.loads((first.run_dir / "manifest.json").read_text())["vectorize_runs"]
     assert runs[-1]["threshold"] == [0.8] and runs[-1]["features"] == n
+
+
+def test_vectorize_in_worker_processes_writes_the_same_file(tmp_path, inproc_client):
+    """Chunks polygonized by 2 worker processes give the file of 1 (same rows, same order); a
+    temporary parts folder a killed vectorize left behind is removed, and none is left."""
+    src = write(tmp_path / "in.tif", shapes_scene())
+    run = segment(tmp_path, src, client=inproc_client, chunk_size=352).run_dir
+    (run / ".vectorize-killed").mkdir()
+    files = {}
+    for workers in (1, 2):
+        path, n = geoseg.vectorize(run, geoseg.VectorizeConfig(threshold=0.4, fill_holes=50.0), workers=workers)
+        files[workers] = gpd.read_file(path, layer="segments")
+        assert n == len(files[workers]) > 0
+    assert list(files[1].geometry.to_wkb()) == list(files[2].geometry.to_wkb())
+    attributes = [f.drop(columns="geometry") for f in files.values()]
+    pd.testing.assert_frame_equal(*attributes, check_exact=True)
+    assert not list(run.glob(".vectorize-*"))
 
 
 def test_empty_result_writes_valid_empty_layer(tmp_path, inproc_client, caplog):
