@@ -43,6 +43,7 @@ from .rundir import (
 from .scheduling import ChunkSubmitter, dask_client
 from .stages import ChunkJob, ChunkResult, plan_chunks
 from .streaming import (
+    CONTEXT_SUFFIX,
     FINAL_SUFFIX,
     SEAM_SUFFIX,
     PolygonOutput,
@@ -175,8 +176,8 @@ def ensure_chunk_polygons(run_dir: Path, region: Region, vjob: VectorJob, info: 
     record = part_path(run_dir, region.name, ".json")
     with contextlib.suppress(OSError, ValueError, AttributeError):
         if (json.loads(record.read_text()).get("vector_key") == vjob.key()
-                and part_path(run_dir, region.name, FINAL_SUFFIX).exists()
-                and part_path(run_dir, region.name, SEAM_SUFFIX).exists()):
+                and all(part_path(run_dir, region.name, suffix).exists()
+                        for suffix in (FINAL_SUFFIX, SEAM_SUFFIX, CONTEXT_SUFFIX))):
             return
     import rasterio
 

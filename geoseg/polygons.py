@@ -463,30 +463,37 @@ def _absorb_islands(geoms: np.ndarray, prompt: np.ndarray, changed: np.ndarray,
     return biggest[group]
 
 
-def _node_coverage(geoms: np.ndarray) -> np.ndarray:
+def _node_coverage(geoms: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
     """Add to each polygon the vertices of its neighbours that lie on its edges, so touching
     polygons share identical edges (a valid coverage in GEOS's sense, which simplification keeps).
 
     Class-map polygons share pixel edges, but each polygon is built with only its own corners: an
     edge of one may span several vertices of the other. Runs in pixel space, where every vertex is
     an integer, so snapping with a tiny tolerance only cracks edges at existing vertices.
+    ``context``: more neighbours (their vertices count, they are not returned), so a polygon can
+    be noded where only some of its neighbours are finalized (a chunk task, the streaming client).
+    Each polygon's reference points are its neighbours' vertices sorted and deduplicated: the result
+    does not depend on which call, or in which order, the neighbours came.
     """
-    tree = shapely.STRtree(geoms)
-    i, j = tree.query(geoms, predicate="intersects")
+    pool = geoms if context is None or len(context) == 0 else np.concatenate([geoms, context])
+    i, j = shapely.STRtree(pool).query(geoms, predicate="intersects")
     keep = i != j
     i, j = i[keep], j[keep]
     if not len(i):
         return geoms
-    coords, owner = shapely.get_coordinates(geoms, return_index=True)
-    count = np.bincount(owner, minlength=len(geoms))
+    coords, owner = shapely.get_coordinates(pool, return_index=True)
+    count = np.bincount(owner, minlength=len(pool))
     start = np.r_[0, np.cumsum(count)[:-1]]
-    order = np.argsort(i, kind="stable")
-    i, j = i[order], j[order]
     reps = count[j]
     pair = np.repeat(np.arange(len(i)), reps)
     offset = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
     points = coords[start[j][pair] + offset]
-    targets, which = np.unique(i[pair], return_inverse=True)
+    target = i[pair]
+    order = np.lexsort((points[:, 1], points[:, 0], target))
+    target, points = target[order], points[order]
+    fresh = np.r_[True, (target[1:] != target[:-1]) | np.any(points[1:] != points[:-1], axis=1)]
+    target, points = target[fresh], points[fresh]
+    targets, which = np.unique(target, return_inverse=True)
     reference = shapely.multipoints(points, indices=which)
     out = geoms.copy()
     out[targets] = shapely.snap(geoms[targets], reference, tolerance=1e-6)
@@ -566,7 +573,8 @@ def _empty_frame(crs: Any):
 
 def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str],
              thresholds: Sequence[float], *, min_area: float = 0, fill_holes: float = 0,
-             simplify: float = 0, dst_crs: Any = None, exclusive: bool = False):
+             simplify: float = 0, dst_crs: Any = None, exclusive: bool = False,
+             context: np.ndarray | None = None):
     """Turn merged pixel-space pieces into a map-ready ``GeoDataFrame``.
 
     Steps, all after :func:`merge_seams` so that no chunk-border artefact can influence them:
@@ -597,6 +605,8 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     ``exclusive``: the pieces come from a class map (``--classes``: no two prompts overlap). Hole
     filling then absorbs islands of any prompt and simplification treats all polygons as one
     coverage, so the classes stay a valid coverage (no overlaps, no new gaps between them).
+    ``context``: pixel-space neighbours of the pieces that are finalized elsewhere; with
+    ``exclusive`` the pieces are noded against them too (see ``_node_coverage``).
 
     Empty input gives an empty GeoDataFrame with the same columns and CRS.
     """
@@ -622,7 +632,7 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     if len(pieces) == 0:
         return _empty_frame(out_crs)
 
-    geoms = _apply_affine(_node_coverage(pieces.geometry) if exclusive else pieces.geometry, transform)
+    geoms = _apply_affine(_node_coverage(pieces.geometry, context) if exclusive else pieces.geometry, transform)
     prompt = pieces.prompt_index.copy()
     n_px, sum_p, max_p = pieces.n_px.copy(), pieces.sum_p.copy(), pieces.max_p.copy()
 

@@ -81,6 +81,7 @@ BATCH_ROWS = 50_000
 #: Suffixes of a chunk's vector parts in ``parts/``.
 FINAL_SUFFIX = ".polygons.parquet"
 SEAM_SUFFIX = ".seam"
+CONTEXT_SUFFIX = ".context"
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,12 @@ class VectorJob:
         """The CRS the rows are written in."""
         return self.dst_crs if self.dst_crs is not None else self.crs
 
-    def finalize(self, pieces: Pieces):
+    def finalize(self, pieces: Pieces, context: np.ndarray | None = None):
         from affine import Affine
 
         return finalize(pieces, Affine(*self.transform), self.crs, self.prompts, self.thresholds,
                         min_area=self.min_area, fill_holes=self.fill_holes, simplify=self.simplify,
-                        dst_crs=self.dst_crs, exclusive=self.exclusive)
+                        dst_crs=self.dst_crs, exclusive=self.exclusive, context=context)
 
 
 def near_seam(bounds: np.ndarray, region: Region, height: int, width: int, reach: int = 0) -> np.ndarray:
@@ -180,29 +181,35 @@ def small_holes(geoms: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.ndarr
 
 def neighbour_links(bounds: np.ndarray, job: VectorJob, holes: tuple[np.ndarray, np.ndarray] | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of pieces (by their ``bounds``) whose finalize results may depend on each other,
-    besides seam merges.
-
-    Under ``fill_holes``: the owner of each of ``holes`` (:func:`small_holes`) and every piece
-    inside that hole's bounding box (an island it may absorb). For a class map: pieces whose
-    bounding boxes meet (touching polygons are noded together)."""
+    """Pairs of pieces (by their ``bounds``) finalized in the same call, besides seam merges: under
+    ``fill_holes``, the owner of each of ``holes`` (:func:`small_holes`) and every piece inside that
+    hole's bounding box (an island it may absorb)."""
     none = np.empty(0, np.int64)
-    if len(bounds) < 2 or not (job.exclusive or job.fill_holes > 0):
+    if len(bounds) < 2 or job.fill_holes == 0 or holes is None or len(holes[0]) == 0:
         return none, none
-    tree = shapely.STRtree(shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3]))
-    u, v = [none], [none]
-    if job.fill_holes > 0 and holes is not None and len(holes[0]):
-        owner, hb = holes
-        i, j = tree.query(shapely.box(hb[:, 0], hb[:, 1], hb[:, 2], hb[:, 3]), predicate="covers")
-        u.append(owner[i])
-        v.append(j)
-    if job.exclusive:
-        i, j = tree.query(tree.geometries, predicate="intersects")
-        u.append(i)
-        v.append(j)
-    u_, v_ = np.concatenate(u), np.concatenate(v)
-    keep = u_ != v_
-    return u_[keep], v_[keep]
+    owner, hb = holes
+    j, i = boxes_tree(bounds).query(boxes(hb), predicate="covers")
+    keep = owner[j] != i
+    return owner[j][keep], i[keep]
+
+
+def boxes(bounds: np.ndarray) -> np.ndarray:
+    return shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+
+
+def boxes_tree(bounds: np.ndarray) -> shapely.STRtree:
+    return shapely.STRtree(boxes(bounds))
+
+
+def touching(bounds: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
+    """For a class map: pairs ``(i, j)``, ``i != j``, of pieces whose bounding boxes meet, both
+    ways: the neighbours a piece is noded against (``finalize``'s ``context``)."""
+    none = np.empty(0, np.int64)
+    if not job.exclusive or len(bounds) < 2:
+        return none, none
+    i, j = boxes_tree(bounds).query(boxes(bounds), predicate="intersects")
+    keep = i != j
+    return j[keep], i[keep]
 
 
 def linked_to(seed: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -245,12 +252,12 @@ def _schema() -> Any:
     return pa.schema([pa.field(c, types[c]) for c in OUTPUT_COLUMNS] + [pa.field("geometry", pa.binary())])
 
 
-def finalized_tables(pieces: Pieces, job: VectorJob) -> Iterator[Any]:
+def finalized_tables(pieces: Pieces, job: VectorJob, context: np.ndarray | None = None) -> Iterator[Any]:
     """``job.finalize`` over ``pieces`` in slices of :data:`BATCH_ROWS` (per-polygon options only,
     where slicing cannot change a row), as Arrow tables; all at once otherwise."""
     step = BATCH_ROWS if job.per_polygon else max(len(pieces), 1)
     for start in range(0, max(len(pieces), 1), step):
-        gdf = job.finalize(_take(pieces, slice(start, start + step)))
+        gdf = job.finalize(_take(pieces, slice(start, start + step)), context)
         if len(gdf):
             yield to_arrow(gdf, job.vector_format)
 
@@ -318,7 +325,8 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
                          job: VectorJob) -> int:
     """In the chunk task: decide which pieces are final (module docstring), finalize those into the
     chunk's parquet part in canonical order, a batch at a time, and keep the deferred ones as pixel
-    pieces for the client; both atomically. Returns the number of final rows.
+    pieces for the client, with (class maps) the final pieces touching them as their noding
+    context; all atomically, the final rows last. Returns the number of final rows.
 
     Memory follows one batch of polygons plus the deferred pieces, not the chunk's object count."""
     import pyarrow.parquet as pq
@@ -335,6 +343,9 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
         u, v = neighbour_links(cp.bounds, job, cp.holes(job) if job.fill_holes > 0 else None)
         group = components(n, u, v) if len(u) else None
         deferred = np.isin(group, group[seed]) if group is not None else seed
+    ti, tj = touching(cp.bounds, job) if job.chunk_local else touching(cp.bounds[:0], job)  # all deferred
+    context = np.unique(tj[deferred[ti] & ~deferred[tj]])  # final pieces touching deferred ones
+    write_pieces(part_path(run_dir, name, CONTEXT_SUFFIX), cp.pieces(context))
     write_pieces(part_path(run_dir, name, SEAM_SUFFIX), canonical(cp.pieces(np.flatnonzero(deferred)), normalized=True))
     final = np.flatnonzero(~deferred)
     b = cp.bounds[final]
@@ -343,7 +354,11 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
     with atomic_target(part_path(run_dir, name, FINAL_SUFFIX)) as tmp:
         writer = None
         for ids in _batches(order, None if job.per_polygon else group):
-            gdf = job.finalize(cp.pieces(ids))  # canonical: normalized polygons in canonical order
+            around = None
+            if len(ti):  # the batch's neighbours outside it, for noding
+                near = np.setdiff1d(tj[np.isin(ti, ids)], ids)
+                around = cp.pieces(near).geometry
+            gdf = job.finalize(cp.pieces(ids), around)  # canonical: normalized polygons in canonical order
             if len(gdf) == 0:
                 continue
             table = to_arrow(gdf, job.vector_format)
@@ -480,7 +495,7 @@ def remove_stale_temps(path: Path) -> None:
 
 
 TableSource = Callable[[], Iterable[Any]]
-SeamSource = Callable[[], Pieces]
+SeamSource = Callable[[], tuple[Pieces, Pieces]]
 
 
 def part_tables(path: Path) -> TableSource:
@@ -495,7 +510,8 @@ def part_tables(path: Path) -> TableSource:
 
 
 def part_seams(path: Path) -> SeamSource:
-    return lambda: read_pieces(path)
+    """A chunk part's deferred pieces and their context (final pieces touching them, class maps)."""
+    return lambda: (read_pieces(path), read_pieces(Path(path).with_suffix(CONTEXT_SUFFIX)))
 
 
 class PolygonOutput:
@@ -518,6 +534,7 @@ class PolygonOutput:
         self._reg = np.array([(r.row, r.col, r.height, r.width) for r in self.regions], np.int64).reshape(-1, 4)
         self._pool = Pieces.empty()  # deferred pieces not yet closed, and the chunk index of each
         self._pool_chunk = np.zeros(0, np.int64)
+        self._context = Pieces.empty()  # class maps: neighbours the pool's pieces are noded against
         #: The most deferred pieces held at once (what the client's memory follows; tests, benchmarks).
         self.peak_pool = 0
 
@@ -544,8 +561,9 @@ class PolygonOutput:
         while self._next < len(self._order) and self._order[self._next] in self._ready:
             tables, seams = self._ready.pop(self._order[self._next])
             self._write(tables())
-            deferred = seams()
+            deferred, context = seams()
             self._pool = Pieces.concat([self._pool, deferred])
+            self._context = Pieces.concat([self._context, context])
             self._pool_chunk = np.r_[self._pool_chunk, np.full(len(deferred), self._next, np.int64)]
             self.peak_pool = max(self.peak_pool, len(self._pool))
             region = self.regions[self._next]
@@ -560,7 +578,9 @@ class PolygonOutput:
 
     def _close(self, frontier: int) -> None:
         """Merge the pool's seams and finalize and append every merged polygon that nothing below
-        ``frontier`` can join or interact with; keep the pieces of the others."""
+        ``frontier`` can join or interact with; keep the pieces of the others. For a class map, the
+        finalized polygons are noded against every neighbour still known (the open pieces, the
+        context), and the ones an open piece touches stay as context for it."""
         pool, chunk = self._pool, self._pool_chunk
         if len(pool) == 0:
             return
@@ -575,7 +595,15 @@ class PolygonOutput:
         kept = linked_to(below & (bounds[:, 3] >= frontier - self.job.hole_reach),
                          *neighbour_links(bounds, self.job, holes))
         if not kept.all():
-            self._write(finalized_tables(canonical(_take(merged, ~kept)), self.job))
+            context = np.concatenate([merged.geometry[kept], self._context.geometry]) if self.job.exclusive else None
+            self._write(finalized_tables(canonical(_take(merged, ~kept)), self.job, context))
+        if self.job.exclusive:  # keep as context what an open piece touches
+            known = Pieces.concat([self._context, _take(merged, ~kept)])
+            near = np.zeros(len(known), bool)
+            if kept.any() and len(known):
+                near[boxes_tree(bounds[kept]).query(boxes(shapely.bounds(known.geometry)),
+                                                    predicate="intersects")[0]] = True
+            self._context = _take(known, near)
         self._pool, self._pool_chunk = _take(pool, kept[group]), chunk[kept[group]]
 
     def finish(self) -> int:
