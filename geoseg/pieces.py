@@ -215,7 +215,9 @@ def _shapes_to_polygons(shapes: list[dict]) -> np.ndarray:
 #: in an in-memory OGR layer before yielding the first (~1 KB each) and the GeoJSON dicts cost as
 #: much again, so a speckle chunk of 1 M components polygonized at once peaked at 1.8 GB; in
 #: batches the peak follows the batch.
-_SHAPES_BATCH = 50_000
+_SHAPES_BATCH = 20_000
+#: Rows of a chunk whose component statistics are gathered at a time.
+_STATS_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -310,22 +312,26 @@ def chunk_components(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
         if not mask.any():
             continue
         labels, n = ndimage.label(mask, structure=_FOUR_CONNECTED)
-        lab, vals = labels[mask], prob[mask]
-        n_px = np.bincount(lab, minlength=n + 1)[1:]
-        sum_p = np.bincount(lab, weights=vals.astype(np.float64), minlength=n + 1)[1:]
+        n_px = np.zeros(n + 1, np.int64)
+        sum_p = np.zeros(n + 1)
         max_p = np.full(n + 1, -np.inf, dtype=np.float32)
-        np.maximum.at(max_p, lab, vals.astype(np.float32))  # 200x faster than ndimage.maximum here
-        del vals
-        rows, cols = np.nonzero(mask)
-        del mask
         lo_r, lo_c = np.full(n + 1, h, np.int64), np.full(n + 1, w, np.int64)
         hi_r, hi_c = np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
-        np.minimum.at(lo_r, lab, rows)
-        np.maximum.at(hi_r, lab, rows)
-        np.minimum.at(lo_c, lab, cols)
-        np.maximum.at(hi_c, lab, cols)
+        for r0 in range(0, h, _STATS_ROWS):  # in row blocks: the temporaries follow the block
+            m = mask[r0:r0 + _STATS_ROWS]
+            lab, vals = labels[r0:r0 + _STATS_ROWS][m], prob[r0:r0 + _STATS_ROWS][m]
+            n_px += np.bincount(lab, minlength=n + 1)
+            sum_p += np.bincount(lab, weights=vals.astype(np.float64), minlength=n + 1)
+            np.maximum.at(max_p, lab, vals.astype(np.float32))  # 200x faster than ndimage.maximum here
+            rows, cols = np.nonzero(m)
+            np.minimum.at(lo_r, lab, rows + r0)
+            np.maximum.at(hi_r, lab, rows + r0)
+            np.minimum.at(lo_c, lab, cols)
+            np.maximum.at(hi_c, lab, cols)
+        del mask
         bounds = np.stack([lo_c[1:] + col_off, lo_r[1:] + row_off, hi_c[1:] + 1 + col_off, hi_r[1:] + 1 + row_off],
                           axis=1).astype(np.float64)
+        n_px, sum_p = n_px[1:], sum_p[1:]
         out.append(Components(p, labels, row_off, col_off, n_px, sum_p, max_p[1:], bounds))
     return out
 

@@ -77,7 +77,7 @@ from .tiling import Region
 log = logging.getLogger(__name__)
 
 #: Rows finalized and written at a time: bounds the memory of one chunk's final polygons.
-BATCH_ROWS = 50_000
+BATCH_ROWS = 20_000
 #: Suffixes of a chunk's vector parts in ``parts/``.
 FINAL_SUFFIX = ".polygons.parquet"
 SEAM_SUFFIX = ".seam"
