@@ -4,8 +4,9 @@ A chunk's pieces that touch no *seam* (a chunk border shared with another chunk;
 edge is not one) can never be merged with another chunk's piece, so with per-polygon options they
 are already final. The chunk task (:func:`write_chunk_polygons`) finalizes them itself, in the
 same canonical form and order :func:`geoseg.pieces.merge_seams` gives them, and saves them as an
-Arrow table (``parts/<chunk>.polygons.parquet``); only the deferred pieces (seam-touching, and
-those the rules below tie to them) are kept as pixel pieces (``parts/<chunk>.seam``). The client
+Arrow table (``parts/<chunk>.polygons.parquet``), 20,000 polygons at a time; only the deferred
+pieces (seam-touching, and those the rules below tie to them) are kept as pixel pieces
+(``parts/<chunk>.seam``). The client
 (:class:`PolygonOutput`) appends the chunks' tables to the output **in chunk order** as they become
 available, merges and appends the deferred pieces row of chunks by row of chunks, and builds the
 spatial index once at the end.
@@ -18,23 +19,28 @@ piece it could interact with is missing from the chunk's own ``finalize`` call:
 
 * **hole filling** (island absorption): a piece inside a hole of another. A hole that a ring
   closes across a seam touches that seam and, being smaller than ``fill_holes``, holds at most
-  ``n = fill_holes / (smallest pixel area)`` pixels, so every island it can swallow lies within
-  ``n + 2`` pixels of the seam (:attr:`VectorJob.hole_reach`). Pieces that close are deferred, and
-  so is every piece linked to a deferred one by bounding-box containment (a piece inside a hole of
-  another lies inside its box), transitively.
-* **class-map noding** (``--classes``): touching polygons exchange vertices; pieces are linked by
-  bounding-box intersection instead, transitively.
+  ``n = fill_holes / (smallest pixel area)`` pixels (:attr:`VectorJob.hole_pixels`), so every
+  island it can swallow lies within ``n + 2`` pixels of the seam (:attr:`VectorJob.hole_reach`):
+  pieces that close are deferred. A hole already closed inside the chunk is at most ``n`` pixels
+  too, and every piece inside its box is *linked* to the hole's owner (:func:`neighbour_links`):
+  linked pieces are finalized in the same call, and deferred together, transitively.
+* **class-map noding** (``--classes``): a polygon takes the vertices its touching neighbours have
+  on its edges. That needs the neighbours' geometry, not their company in the call: a piece is
+  finalized with its neighbours as ``context`` (their vertices count, their rows are made
+  elsewhere). A chunk hands the client, beside its deferred pieces, the final pieces touching them
+  (``parts/<chunk>.context``); neither linking nor deferring spreads from piece to piece.
 * **coverage simplification** (``--simplify``): GEOS checks other polygons' vertices inside every
   triangle it removes, and a polygon merged across a seam has triangles reaching over its pieces'
   boxes into its chunks, where no per-chunk test can see them. So with ``simplify`` **every** piece
   goes to the client and is finalized there in one call: exact, but the client's memory then grows
   with the object count.
 
-The client applies the same rule on its side: it keeps the deferred pieces in a pool and, whenever
+The client applies the same rules on its side: it keeps the deferred pieces in a pool and, whenever
 a whole row of chunks has arrived, merges the pool's seams and finalizes every group of linked
-pieces (seam merges plus the links above) that has no member touching, or within ``hole_reach`` of,
-the lower border of that row (the *frontier*, beyond which pieces are still to come). Groups that do
-are kept for the next row. The pool therefore holds about one row of seams, not every seam piece.
+pieces (seam merges plus hole links) that has no member touching, or within ``hole_reach`` of, the
+lower border of that row (the *frontier*, beyond which pieces are still to come). Groups that do
+are kept for the next row; for a class map, what they touch is kept as their context. The pool
+therefore holds about one row of seams, not every seam piece.
 
 Row order
 ---------
