@@ -184,7 +184,8 @@ def prompt_thresholds(thresholds: Sequence[float], n_prompts: int) -> np.ndarray
     return t
 
 
-_FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+#: 4-connectivity (edge neighbours), the rule of every piece and of the seam merge.
+FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 
 
 def _shapes_to_polygons(shapes: list[dict]) -> np.ndarray:
@@ -311,7 +312,7 @@ def chunk_components(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
             mask = valid & (prob >= t[p])  # NaN compares False: nodata never enters a piece
         if not mask.any():
             continue
-        labels, n = ndimage.label(mask, structure=_FOUR_CONNECTED)
+        labels, n = ndimage.label(mask, structure=FOUR_CONNECTED)
         n_px = np.zeros(n + 1, np.int64)
         sum_p = np.zeros(n + 1)
         max_p = np.full(n + 1, -np.inf, dtype=np.float32)
@@ -544,12 +545,16 @@ def merge_groups(pieces: Pieces, group: np.ndarray) -> Pieces:
                   np.bincount(group, weights=pieces.sum_p, minlength=k), max_p)
 
 
+def canonical_order(prompt: np.ndarray, bounds: np.ndarray, n_px: np.ndarray) -> np.ndarray:
+    """The canonical order of pieces: prompt, top, left, bottom, right, pixel count."""
+    return np.lexsort((n_px, bounds[:, 2], bounds[:, 3], bounds[:, 0], bounds[:, 1], prompt))
+
+
 def canonical(pieces: Pieces, normalized: bool = False) -> Pieces:
-    """Normalized geometry in canonical order (prompt, top, left, bottom, right, pixel count): the
-    same mask gives the same pieces in the same order, whatever the chunk layout. ``normalized``:
-    the geometry is normalized already (:func:`polygonize_chunk`'s is), saving a copy of it."""
+    """Normalized geometry in :func:`canonical_order`: the same mask gives the same pieces in the
+    same order, whatever the chunk layout. ``normalized``: the geometry is normalized already
+    (:meth:`Components.polygons`' is), saving a copy of it."""
     geoms = pieces.geometry if normalized else shapely.normalize(pieces.geometry)
-    b = shapely.bounds(geoms).reshape(-1, 4)
-    order = np.lexsort((pieces.n_px, b[:, 2], b[:, 3], b[:, 0], b[:, 1], pieces.prompt_index))
+    order = canonical_order(pieces.prompt_index, shapely.bounds(geoms).reshape(-1, 4), pieces.n_px)
     return Pieces(pieces.prompt_index[order], geoms[order], pieces.n_px[order], pieces.sum_p[order],
                   pieces.max_p[order])

@@ -74,9 +74,21 @@ from typing import Any
 
 import numpy as np
 import shapely
+from scipy import ndimage
 
 from .atomic import atomic_target
-from .pieces import Components, Pieces, canonical, components, merge_groups, read_pieces, seam_links, write_pieces
+from .pieces import (
+    FOUR_CONNECTED,
+    Components,
+    Pieces,
+    canonical,
+    canonical_order,
+    components,
+    merge_groups,
+    read_pieces,
+    seam_links,
+    write_pieces,
+)
 from .polygons import OUTPUT_COLUMNS, _Measure, finalize
 from .tiling import Region
 
@@ -123,15 +135,16 @@ class VectorJob:
     def hole_reach(self) -> int:
         """Pixels from a seam within which a piece may sit in a hole that a ring closes across it:
         such a hole touches the seam and is connected, so all its pixels lie within its pixel count
-        (at most :attr:`hole_pixels`) of the seam, plus one for the ring and one for rounding."""
-        return self.hole_pixels + 2 if self.fill_holes > 0 else 0
+        (at most :attr:`hole_pixels`) of the seam, plus one for the ring and one for rounding.
+        Capped at height + width: then every piece is within reach of every seam."""
+        return min(self.hole_pixels + 2, self.height + self.width) if self.fill_holes > 0 else 0
 
     @functools.cached_property
     def hole_pixels(self) -> int:
         """The most pixels a hole that ``fill_holes`` fills can have: ``fill_holes / (smallest
         pixel area)``, the smallest pixel area taken over 9 pixels spread over the raster (corners,
-        edge middles, centre) and halved, a margin for the smooth variation of a pixel's ground
-        area between them. Capped at height + width (every piece within reach of every seam)."""
+        edge middles, centre) and halved, a margin (not a proof) for the smooth variation of a
+        pixel's ground area between them; at most the raster's pixel count."""
         if self.fill_holes == 0:
             return 0
         rows = np.array([0, self.height // 2, self.height - 1], float)
@@ -142,7 +155,7 @@ class VectorJob:
         xy = corners @ np.array([[a, d], [b, e]]) + np.array([x0, y0])
         area, _ = _Measure(self.crs).area_perimeter(shapely.polygons(xy))
         smallest = 0.5 * float(np.min(area))
-        limit = self.height + self.width - 2
+        limit = self.height * self.width
         if not np.isfinite(smallest) or smallest <= 0:
             return limit
         return min(limit, math.ceil(self.fill_holes / smallest))
@@ -308,6 +321,52 @@ class ChunkPieces:
         return np.concatenate(owners), np.concatenate(boxes)
 
 
+    def enclosure_links(self, seed: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs tying the pieces inside a small region that deferred pieces of one prompt enclose
+        (touching each other only at corners, say) to those pieces: once they merge through
+        other chunks the region is a hole of the merged polygon, which may swallow them.
+
+        Per prompt, the pixels outside its deferred pieces are labelled (4-connected); a region
+        that touches no chunk border and holds at most :attr:`VectorJob.hole_pixels` pixels may
+        become such a hole. Its pieces (of any prompt) are linked to every deferred piece of the
+        prompt next to it (8 neighbours)."""
+        none = np.empty(0, np.int64)
+        u, v = [none], [none]
+        fg = [(c, self.offsets[k]) for k, c in enumerate(self.comps)]
+        for k, comp in enumerate(self.comps):
+            local = np.zeros(len(comp) + 1, bool)
+            local[1:] = seed[self.offsets[k]:self.offsets[k + 1]]
+            if not local.any():
+                continue
+            seeded = np.where(local[comp.labels], comp.labels, 0)  # deferred pieces of this prompt
+            rest, n = ndimage.label(seeded == 0, structure=FOUR_CONNECTED)
+            size = np.bincount(rest.ravel(), minlength=n + 1)
+            small = (size <= job.hole_pixels) & (np.arange(n + 1) > 0)
+            small[np.unique(np.r_[rest[0], rest[-1], rest[:, 0], rest[:, -1]])] = False  # open regions
+            if not small.any():
+                continue
+            pairs = []  # (region, piece inside it) and (region, deferred piece next to it)
+            inside = small[rest]
+            for other, off in fg:
+                pairs.append((rest[inside & (other.labels > 0)], other.labels[inside & (other.labels > 0)] - 1 + off))
+            h, w = rest.shape
+            for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+                a = rest[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+                b = seeded[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+                hit = small[a] & (b > 0)
+                pairs.append((a[hit], b[hit] - 1 + self.offsets[k]))
+            region = np.concatenate([r for r, _ in pairs])
+            piece = np.concatenate([q for _, q in pairs])
+            key = np.unique(np.stack([region, piece], axis=1), axis=0)
+            first = np.r_[True, key[1:, 0] != key[:-1, 0]]
+            hub = key[first, 1][np.cumsum(first) - 1]  # each region's first piece: a star links them all
+            u.append(hub)
+            v.append(key[:, 1])
+        u_, v_ = np.concatenate(u), np.concatenate(v)
+        keep = u_ != v_
+        return u_[keep].astype(np.int64), v_[keep].astype(np.int64)
+
+
 def _batches(order: np.ndarray, group: np.ndarray | None) -> Iterator[np.ndarray]:
     """``order`` cut into runs of about :data:`BATCH_ROWS`; with ``group``, only between positions
     that no group spans (pieces that may interact are finalized in the same call)."""
@@ -342,20 +401,32 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
     cp = ChunkPieces(comps)
     n = len(cp)
     group = None
+    u = v = np.empty(0, np.int64)
     if not job.chunk_local:
         deferred = np.ones(n, bool)
     else:
         seed = near_seam(cp.bounds, region, job.height, job.width, job.hole_reach)
-        u, v = neighbour_links(cp.bounds, job, cp.holes(job) if job.fill_holes > 0 else None)
+        if job.fill_holes > 0:
+            u, v = neighbour_links(cp.bounds, job, cp.holes(job))
+            eu, ev = cp.enclosure_links(near_seam(cp.bounds, region, job.height, job.width), job)
+            u, v = np.r_[u, eu], np.r_[v, ev]
         group = components(n, u, v) if len(u) else None
-        deferred = np.isin(group, group[seed]) if group is not None else seed
-    ti, tj = touching(cp.bounds, job) if job.chunk_local else touching(cp.bounds[:0], job)  # all deferred
-    context = np.unique(tj[deferred[ti] & ~deferred[tj]])  # final pieces touching deferred ones
-    write_pieces(part_path(run_dir, name, CONTEXT_SUFFIX), cp.pieces(context))
-    write_pieces(part_path(run_dir, name, SEAM_SUFFIX), canonical(cp.pieces(np.flatnonzero(deferred)), normalized=True))
+        deferred = linked_to(seed, u, v)
+    if job.chunk_local and job.exclusive:
+        ti, tj = touching(cp.bounds, job)
+    else:  # no class map, or everything deferred: no context
+        ti = tj = np.empty(0, np.int64)
+    kept = np.flatnonzero(deferred)
+    kept = kept[canonical_order(cp.prompt[kept], cp.bounds[kept], cp.n_px[kept])]
+    at = np.full(n, -1, np.int64)
+    at[kept] = np.arange(len(kept))
+    both = deferred[u] & deferred[v] if len(u) else np.zeros(0, bool)  # links the client must keep
+    write_companions(part_path(run_dir, name, CONTEXT_SUFFIX),
+                     cp.pieces(np.unique(tj[deferred[ti] & ~deferred[tj]])),  # final pieces touching deferred ones
+                     at[u[both]], at[v[both]])
+    write_pieces(part_path(run_dir, name, SEAM_SUFFIX), cp.pieces(kept))
     final = np.flatnonzero(~deferred)
-    b = cp.bounds[final]
-    order = final[np.lexsort((cp.n_px[final], b[:, 2], b[:, 3], b[:, 0], b[:, 1], cp.prompt[final]))]
+    order = final[canonical_order(cp.prompt[final], cp.bounds[final], cp.n_px[final])]
     rows = 0
     with atomic_target(part_path(run_dir, name, FINAL_SUFFIX)) as tmp:
         writer = None
@@ -501,7 +572,7 @@ def remove_stale_temps(path: Path) -> None:
 
 
 TableSource = Callable[[], Iterable[Any]]
-SeamSource = Callable[[], tuple[Pieces, Pieces]]
+SeamSource = Callable[[], tuple[Pieces, Pieces, np.ndarray, np.ndarray]]
 
 
 def part_tables(path: Path) -> TableSource:
@@ -515,9 +586,21 @@ def part_tables(path: Path) -> TableSource:
     return read
 
 
+def write_companions(path: Path, context: Pieces, link_u: np.ndarray, link_v: np.ndarray) -> None:
+    """What the client needs beside a chunk's deferred pieces, atomically: their noding context
+    (class maps) and the links between them (indices into the chunk's deferred pieces)."""
+    with atomic_target(Path(path)) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, allow_pickle=False, link_u=link_u, link_v=link_v, **context.to_arrays())
+
+
 def part_seams(path: Path) -> SeamSource:
-    """A chunk part's deferred pieces and their context (final pieces touching them, class maps)."""
-    return lambda: (read_pieces(path), read_pieces(Path(path).with_suffix(CONTEXT_SUFFIX)))
+    """A chunk part's deferred pieces, their context and the links between them."""
+    def read() -> tuple[Pieces, Pieces, np.ndarray, np.ndarray]:
+        with np.load(Path(path).with_suffix(CONTEXT_SUFFIX), allow_pickle=False) as data:
+            context = Pieces.from_arrays(data)
+            link_u, link_v = data["link_u"], data["link_v"]
+        return read_pieces(path), context, link_u, link_v
+    return read
 
 
 class PolygonOutput:
@@ -540,6 +623,7 @@ class PolygonOutput:
         self._reg = np.array([(r.row, r.col, r.height, r.width) for r in self.regions], np.int64).reshape(-1, 4)
         self._pool = Pieces.empty()  # deferred pieces not yet closed, and the chunk index of each
         self._pool_chunk = np.zeros(0, np.int64)
+        self._links = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # pool pieces finalized together
         self._context = Pieces.empty()  # class maps: neighbours the pool's pieces are noded against
         #: The most deferred pieces held at once (what the client's memory follows; tests, benchmarks).
         self.peak_pool = 0
@@ -567,7 +651,9 @@ class PolygonOutput:
         while self._next < len(self._order) and self._order[self._next] in self._ready:
             tables, seams = self._ready.pop(self._order[self._next])
             self._write(tables())
-            deferred, context = seams()
+            deferred, context, link_u, link_v = seams()
+            n = len(self._pool)
+            self._links = (np.r_[self._links[0], link_u + n], np.r_[self._links[1], link_v + n])
             self._pool = Pieces.concat([self._pool, deferred])
             self._context = Pieces.concat([self._context, context])
             self._pool_chunk = np.r_[self._pool_chunk, np.full(len(deferred), self._next, np.int64)]
@@ -598,8 +684,9 @@ class PolygonOutput:
         merged = merge_groups(pool, group)
         bounds = shapely.bounds(merged.geometry)
         holes = small_holes(merged.geometry, self.job) if self.job.fill_holes > 0 else None
+        hu, hv = neighbour_links(bounds, self.job, holes)
         kept = linked_to(below & (bounds[:, 3] >= frontier - self.job.hole_reach),
-                         *neighbour_links(bounds, self.job, holes))
+                         np.r_[hu, group[self._links[0]]], np.r_[hv, group[self._links[1]]])
         if not kept.all():
             context = np.concatenate([merged.geometry[kept], self._context.geometry]) if self.job.exclusive else None
             self._write(finalized_tables(canonical(_take(merged, ~kept)), self.job, context))
@@ -610,7 +697,12 @@ class PolygonOutput:
                 near[boxes_tree(bounds[kept]).query(boxes(shapely.bounds(known.geometry)),
                                                     predicate="intersects")[0]] = True
             self._context = _take(known, near)
-        self._pool, self._pool_chunk = _take(pool, kept[group]), chunk[kept[group]]
+        stay = kept[group]
+        at = np.cumsum(stay) - 1
+        lu, lv = self._links
+        both = stay[lu] & stay[lv]
+        self._links = (at[lu[both]], at[lv[both]])
+        self._pool, self._pool_chunk = _take(pool, stay), chunk[stay]
 
     def finish(self) -> int:
         """Append the remaining deferred pieces, build the index and style; returns the row count."""

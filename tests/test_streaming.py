@@ -240,6 +240,7 @@ def test_hole_reach_bounds_a_seam_closed_hole():
     assert j.hole_pixels == 48 and j.hole_reach == 50
     assert job().hole_reach == 0
     assert job(fill_holes=1e9).hole_reach == 2 * SIZE  # capped: every piece within reach
+    assert job(fill_holes=1e9).hole_pixels == SIZE * SIZE  # a hole's size is not capped below the raster's
     geographic = VectorJob(PROMPTS, THRESHOLDS, (0.001, 0, 10, 0, -0.001, 60), "EPSG:4326", SIZE, SIZE,
                            fill_holes=1000.0)
     # a 0.001° pixel at 60° N is about 111 m x 55.8 m; the smallest of the sampled pixels sets the reach
@@ -266,3 +267,29 @@ def test_tiny_batches_give_the_same_file(tmp_path, probs, options, monkeypatch):
     got = streamed(tmp_path, data, 100, j)
     pd.testing.assert_frame_equal(canonical(got), reference, check_exact=True, check_dtype=False)
     assert sum(1 for n in seen if 0 < n <= 7) > 10  # the chunks really worked in small batches
+
+
+def corner_closed_hole(m: np.ndarray, r0: int, c0: int, length: int) -> None:
+    """Two pieces that touch only at corners around a 3 x 3 hole (with a one-pixel island) and join
+    ``length`` columns away: the hole is a hole only once they merge, far from the hole."""
+    m[r0 + 1:r0 + 7, c0 + 3] = m[r0 + 1, c0 + 3:c0 + length] = m[r0 + 3, c0 + 3:c0 + 7] = True  # A
+    m[r0 + 4:r0 + 8, c0 + 7] = m[r0 + 7, c0 + 4:c0 + length] = m[r0 + 1:r0 + 8, c0 + length - 1] = True  # B
+    m[r0 + 5, c0 + 5] = True  # the island
+
+
+def test_holes_closed_at_corners_across_seams_fill_exactly(tmp_path):
+    """Prompt 0: pieces joined through the next chunk close a hole far from every seam (the chunk
+    must tie the island to them); prompt 1, the same transposed: joined through the row below,
+    with the island near a vertical seam but far from the frontier (the client must keep it)."""
+    j = job(fill_holes=3.0)  # 12 px; the 9 px hole fills; hole_reach 26 px
+    m = np.zeros((3, SIZE, SIZE), bool)
+    corner_closed_hole(m[0], 20, 0, 131)
+    corner_closed_hole(m[1].T, 40, 0, 131)  # island at row 5, column 45
+    data = np.where(m, np.float32(0.9), np.float32(0.1))
+    reference = canonical(all_at_once(data, SIZE, j))
+    assert len(all_at_once(data, SIZE, job())) == 4  # per prompt: the joined pieces, the island
+    # the island absorbed; the long hole between the arms (over 12 px) stays
+    assert list(reference.pixels) == [272, 272] and list(reference.n_holes) == [1, 1]
+    for chunk in (64, 120):
+        got = streamed(tmp_path / f"c{chunk}", data, chunk, j)
+        pd.testing.assert_frame_equal(canonical(got), reference, check_exact=True, check_dtype=False)
