@@ -100,7 +100,7 @@ def child_vectorize(size: int, chunk: int) -> dict:
     from geoseg.config import VectorizeConfig
     from geoseg.pipeline import vectorize
 
-    _, n = vectorize(OUT / f"run_{size}", VectorizeConfig(threshold=0.5))
+    _, n = vectorize(OUT / f"run_{size}", VectorizeConfig(threshold=0.5), workers=None)  # one per CPU, as the CLI
     return {"features": n}
 
 

@@ -43,7 +43,7 @@ def class_map(probs: np.ndarray, valid: np.ndarray, thresholds: Sequence[float])
     filled = np.where(valid[None], probs, -np.inf)
     winner = np.argmax(filled, axis=0)
     best = np.take_along_axis(filled, winner[None], axis=0)[0]
-    # the same comparison polygonize_chunk makes (float32 probability >= float64 threshold)
+    # the same comparison chunk_components makes (float32 probability >= float64 threshold)
     labels = np.where(best >= t[winner], winner + 1, NONE).astype(np.uint8)
     labels[~valid] = NODATA
     return labels

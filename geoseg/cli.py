@@ -198,7 +198,7 @@ def vectorize(run_dir, quiet, workers, **kw):
     from .pipeline import vectorize as run
 
     vector = _vector_config(kw)
-    path, n = run(run_dir, vector, progress=not quiet, workers=workers)
+    path, n = run(run_dir, vector, progress=not quiet, workers=workers)  # None: one per CPU
     result(f"{path} ({n} polygons)", command="vectorize", run_dir=run_dir, polygons=path,
            layer="segments" if path.suffix == ".gpkg" else None, features=n, thresholds=list(vector.threshold))
 

@@ -493,7 +493,7 @@ def merge_seams(pieces_list: Sequence[Pieces], chunk_regions: Sequence[Any]) -> 
     """Concatenate every chunk's pieces and join those that a chunk border split apart.
 
     Args:
-        pieces_list: one :class:`Pieces` per chunk (from :func:`polygonize_chunk`).
+        pieces_list: one :class:`Pieces` per chunk (e.g. :func:`polygonize_chunk`'s).
         chunk_regions: the matching chunk regions, each ``(row_off, col_off, height, width)`` or a
             rasterio ``Window``; regions must not overlap (each chunk's *own* region).
 

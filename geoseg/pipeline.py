@@ -96,9 +96,10 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     ``segmenter_factory``: picklable zero-argument callable building the model on each worker;
     default CLIPSeg from ``config.model``.
 
-    Polygons stream: each chunk task finalizes its polygons that touch no seam; the client appends
-    them to the output in chunk order as chunks finish, and merges and appends the seam polygons at
-    the end (:mod:`geoseg.streaming`). ``config.polygons=False`` writes probabilities only.
+    Polygons stream: each chunk task finalizes the polygons no other chunk can change; the client
+    appends them to the output in chunk order as chunks finish, and merges and appends the others
+    after each row of chunks (:mod:`geoseg.streaming`). ``config.polygons=False`` writes
+    probabilities only.
     """
     info = inspect_raster(config.input, config.bands, config.crs, config.resolution)
     thresholds = config.vector.thresholds_for(len(config.prompts))
@@ -273,27 +274,35 @@ def _vectorize_chunk(run_dir: Path, parts: Path, vjob: VectorJob, classes: bool,
     return region.name
 
 
-def _map_chunks(work: Callable[[Region], str], regions: Sequence[Region], workers: int) -> Iterator[str]:
+@contextlib.contextmanager
+def _map_chunks(work: Callable[[Region], str], regions: Sequence[Region], workers: int) -> Iterator[Iterator[str]]:
     """``work`` over ``regions``, results in order: in this process, or in ``workers`` fresh
-    processes (``spawn``: the client holds a GDAL writer thread, which must not be forked)."""
-    if workers <= 1 or len(regions) <= 1:
-        yield from map(work, regions)
+    processes (``spawn``: the client holds a GDAL writer thread, which must not be forked). On
+    leaving, work not started is cancelled and running work awaited, so nothing still writes into
+    the parts folder when it is removed."""
+    if workers <= 1:
+        yield map(work, regions)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(work, regions)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool.map(work, regions)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = False,
-              workers: int | None = None) -> tuple[Path, int]:
+              workers: int | None = 1) -> tuple[Path, int]:
     """Re-threshold and re-vectorize a finished run from its probability COG; no model run.
 
-    Chunks are polygonized on the run's own chunk grid by ``workers`` processes (default: one per
-    CPU core; memory about one chunk each), through the same chunk stage as ``segment``, into a
-    temporary parts folder, and streamed into the output exactly as ``segment`` does (same rules,
-    same row order), so the result equals a fresh ``segment`` run at the new threshold.
+    Chunks are polygonized on the run's own chunk grid by ``workers`` processes (``None``: one per
+    CPU this process may use; memory about one chunk each; more than one needs the calling script
+    to guard its top level with ``if __name__ == "__main__":``, as ``spawn`` re-imports it),
+    through the same chunk stage as ``segment``, into a temporary parts folder, and streamed into
+    the output exactly as ``segment`` does (same rules, same row order), so the result equals a
+    fresh ``segment`` run at the new threshold.
     """
     import shutil
     import tempfile
@@ -313,7 +322,7 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = Fal
         vjob = vector_job(vector, prompts, src.transform, src.crs.to_wkt() if src.crs else None,
                           src.height, src.width, exclusive=classes)
         grid = _GridInfo(src)
-    n_workers = min(workers or os.cpu_count() or 1, len(regions))
+    n_workers = min(workers or len(os.sched_getaffinity(0)), len(regions))
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".vectorize-") as tmp, \
             PolygonOutput(path, regions, vjob, progress) as out:
         from tqdm.auto import tqdm
@@ -321,9 +330,9 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = Fal
         parts = Path(tmp)
         (parts / PARTS).mkdir()
         work = functools.partial(_vectorize_chunk, run_dir, parts, vjob, classes)
-        for name in tqdm(_map_chunks(work, regions, n_workers), total=len(regions), unit="chunk",
-                         desc="vectorize", disable=not progress):
-            out.add(name, *chunk_sources(parts, name))
+        with _map_chunks(work, regions, n_workers) as names:
+            for name in tqdm(names, total=len(regions), unit="chunk", desc="vectorize", disable=not progress):
+                out.add(name, *chunk_sources(parts, name))
         features = out.finish()
     if classes:
         write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in regions], grid, prompts)

@@ -1,9 +1,11 @@
 """Map space: merged pixel-space pieces become a map-ready GeoDataFrame (:func:`finalize`).
 
-Everything here runs once per run, after :func:`geoseg.pieces.merge_seams`, so no chunk border can
-influence it: the affine transform to map coordinates, area/perimeter measurement (geodesic where
-the CRS allows), hole filling with island absorption, the area filter, coverage-safe simplification,
-the attribute columns, and reprojection with antimeridian splitting.
+Everything here runs on whole, merged pieces (after :func:`geoseg.pieces.merge_seams`), in chunk
+tasks for the pieces no other chunk can touch and at the client for the rest
+(:mod:`geoseg.streaming` says which), so no chunk border can influence it: the affine transform to
+map coordinates, area/perimeter measurement (geodesic where the CRS allows), hole filling with
+island absorption, the area filter, coverage-safe simplification, the attribute columns, and
+reprojection with antimeridian splitting.
 """
 
 from __future__ import annotations
