@@ -77,6 +77,7 @@ import shapely
 from scipy import ndimage
 
 from .atomic import atomic_target
+from .gpkg_rtree import build_rtree
 from .pieces import (
     FOUR_CONNECTED,
     Components,
@@ -456,8 +457,8 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
 class _GpkgStream:
     """One GDAL write session fed batch by batch: ``pyogrio.write_arrow`` reads a RecordBatchReader
     whose batches a background thread takes from a queue. One session lets GDAL insert in large
-    transactions and build the R-tree once, in bulk, when the session ends (appending with
-    ``append=True`` instead goes through the R-tree triggers: 8x slower, measured)."""
+    transactions. It writes no spatial index: :func:`.gpkg_rtree.build_rtree` packs that after the
+    session in bounded memory (GDAL's grows with the row count)."""
 
     def __init__(self, path: Path, schema: Any, layer: str, crs: Any):
         import pyarrow as pa
@@ -481,7 +482,7 @@ class _GpkgStream:
                 pyogrio.write_arrow(
                     pa.RecordBatchReader.from_batches(schema, batches()), path, layer=layer, driver="GPKG",
                     geometry_name="geometry", geometry_type="MultiPolygon", crs=crs,
-                    layer_options={"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": "geom", "FID": "fid"},
+                    layer_options={"SPATIAL_INDEX": "NO", "GEOMETRY_NAME": "geom", "FID": "fid"},
                     # GeoPackage 1.2, as write_vector writes (QGIS 3.22 / GDAL 3.6 read it cleanly)
                     dataset_options={"VERSION": "1.2"})
             except BaseException as exc:  # re-raised in the client thread
@@ -711,11 +712,10 @@ class PolygonOutput:
             raise RuntimeError(f"internal error: chunk {missing} was never added to the polygon output")
         with ticking("seam polygons", self.progress):
             self._close(frontier=self.job.height)
-        size = lambda: self._tmp.stat().st_size if self._tmp.exists() else 0  # noqa: E731
-        with ticking("spatial index" if self.job.vector_format == "gpkg" else "closing", self.progress, size):
-            self._writer.close()
+        self._writer.close()
         if self.job.vector_format == "gpkg":
             from .export import _write_layer_styles
 
+            build_rtree(self._tmp, "segments", progress=self.progress)
             _write_layer_styles(self._tmp, "segments", "geom", list(self.job.prompts))
         return self.features

@@ -201,6 +201,7 @@ def _check_vector(gpkg: str, layer_name: str, expected_crs, count: int, problems
     out["geometry_type"] = QgsWkbTypes.geometryDisplayString(lyr.geometryType())
     out["fields"] = [f.name() for f in lyr.fields()]
     out["sublayers"] = list(lyr.dataProvider().subLayers())
+    out.update(_spatial_index_info(lyr))
     # What the constructor applied (no explicit call): this is what a user dragging the file in gets.
     out.update(_renderer_info(lyr))
     out["renderer_on_open"] = out.get("renderer_type")
@@ -230,11 +231,43 @@ def _check_vector(gpkg: str, layer_name: str, expected_crs, count: int, problems
         problems.append(f"vector CRS {out['crs_authid'] or lyr.crs().toWkt()} != expected {expected_crs.authid()}")
     if not out["count_matches"]:
         problems.append(f"vector feature count {out['feature_count']} != expected {count}")
+    if not out["spatial_index"]:
+        problems.append("QGIS sees no spatial index on the vector layer")
+    if not out["filter_rect_ok"]:
+        problems.append(f"rectangle query through the index lost or added features: {out['filter_rect']}")
     if out.get("renderer_type") != "categorizedSymbol":
         problems.append(f"default style not applied on open: renderer is {out.get('renderer_type')!r}")
     elif out.get("renderer_attr") != "prompt":
         problems.append(f"categorized renderer is on {out.get('renderer_attr')!r}, not 'prompt'")
     return out
+
+
+def _spatial_index_info(lyr) -> dict[str, Any]:
+    """Whether QGIS finds the GeoPackage R-tree, and whether rectangle queries (which the OGR
+    provider answers through it) return every feature meeting the rectangle and none whose box
+    misses it: the lower-left and the upper-right quarter of the extent, against a scan."""
+    from qgis.core import QgsFeatureRequest, QgsFeatureSource, QgsGeometry, QgsRectangle
+
+    ext, mid = lyr.extent(), lyr.extent().center()
+    rects = [QgsRectangle(ext.xMinimum(), ext.yMinimum(), mid.x(), mid.y()),
+             QgsRectangle(mid.x(), mid.y(), ext.xMaximum(), ext.yMaximum())]
+    counts, ok = [], True
+    for rect in rects:
+        got = {f.id() for f in lyr.getFeatures(QgsFeatureRequest().setFilterRect(rect))}
+        exact, boxes = set(), set()
+        probe = QgsGeometry.fromRect(rect)
+        for f in lyr.getFeatures():
+            if f.geometry().boundingBox().intersects(rect):
+                boxes.add(f.id())
+                if f.geometry().intersects(probe):
+                    exact.add(f.id())
+        counts.append({"returned": len(got), "intersecting": len(exact), "box_meets": len(boxes)})
+        ok = ok and exact <= got <= boxes
+    return {
+        "spatial_index": lyr.dataProvider().hasSpatialIndex() == QgsFeatureSource.SpatialIndexPresent,
+        "filter_rect": counts,
+        "filter_rect_ok": ok,
+    }
 
 
 def _check_raster(cog: str, expected_crs, problems: list[str]) -> dict[str, Any]:

@@ -188,6 +188,7 @@ def test_real_run_opens_styled_in_qgis(tmp_path, inproc_client):
     assert report["ok"], report
     assert report["vector"]["renderer_on_open"] == "categorizedSymbol"
     assert report["vector"]["renderer_attr"] == "prompt"
+    assert report["vector"]["spatial_index"] is True  # built by gpkg_rtree after the streamed write
     assert [c["value"] for c in report["vector"]["categories"]] == ["building", "swimming pool"]
     assert all(0 < c["fill_alpha"] < 255 for c in report["vector"]["categories"])
     assert report["raster"]["band_count"] == 2

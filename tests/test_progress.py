@@ -34,12 +34,17 @@ def test_segment_reports_every_chunk(tmp_path, inproc_client, perpixel, jsonl):
     src = write(tmp_path / "in.tif", scene(700, 900))
     cfg = geoseg.SegmentConfig(str(src), ("a", "b"), tmp_path / "out", chunk_size=512)
     res = geoseg.segment(cfg, client=inproc_client, segmenter_factory=perpixel, progress=True)
-    events = [e for e in jsonl() if e["event"] == "progress"]
+    all_events = [e for e in jsonl() if e["event"] == "progress"]
+    events = [e for e in all_events if e["stage"] != "spatial index"]
     total = res.chunks_run
     assert total == 4  # 700 x 900 in 512 px chunks
     assert [e["done"] for e in events] == list(range(total + 1))  # "0 of n" first, then one per chunk
     assert {e["total"] for e in events} == {total} and {e["unit"] for e in events} == {"chunk"}
     assert events[-1]["tiles"] == res.model_tiles
+    # after the chunks, the R-tree build counts the rows it indexed, up to every feature
+    index = all_events[len(events):]
+    assert [e["stage"] for e in index] == ["spatial index"] * len(index) and index[0]["done"] == 0
+    assert index[-1]["done"] == index[-1]["total"] == res.features and res.features > 0
 
 
 def test_disabled_progress_prints_nothing(tmp_path, inproc_client, perpixel, jsonl):
