@@ -104,30 +104,37 @@ def child_vectorize(size: int, chunk: int) -> dict:
     return {"features": n}
 
 
+PEAKS: dict[str, float] = {}  # the last measure()'s peaks of the client alone and of one child
+
+
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(wall s, peak summed RSS MiB of the process tree, stdout) of ``cmd``."""
+    """(wall s, peak summed RSS MiB of the process tree, stdout) of ``cmd``; the peak RSS of the
+    client process alone and of its largest child go to :data:`PEAKS` (what grows with the output
+    shows in the client; a worker's peak follows the chunk size)."""
     import psutil
 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     root = psutil.Process(proc.pid)
-    peak = 0
+    peak = client = child = 0
     while proc.poll() is None:
-        total = 0
+        sizes = []
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    sizes.append(p.memory_info().rss)
                 except psutil.Error:
-                    pass
+                    sizes.append(0)
         except psutil.Error:
             pass
-        peak = max(peak, total)
+        if sizes:
+            peak, client, child = max(peak, sum(sizes)), max(client, sizes[0]), max(child, *sizes[1:], 0)
         time.sleep(0.1)
     out, err = proc.communicate()
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{err[-3000:]}")
+    PEAKS.update(client=client / 2**20, child=child / 2**20)
     return wall, peak / 2**20, out
 
 
@@ -142,6 +149,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default="4096,8192,16384")
     ap.add_argument("--chunk-size", type=int, default=4096, help="geoseg --chunk-size (default: geoseg's)")
     ap.add_argument("--gdal-max", type=int, default=16384, help="skip the GDAL anchor above this size")
+    ap.add_argument("--steps", default="segment,vectorize,gdal",
+                    help="which steps to run (vectorize and gdal reuse an earlier segment run)")
     ap.add_argument("--child", choices=["segment", "vectorize"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -152,17 +161,19 @@ def main(argv=None) -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    rows = []
+    rows, split = [], {}
+    steps = args.steps.split(",")
     for size in (int(s) for s in args.sizes.split(",")):
         make_speckle(OUT / f"speckle_{size}.tif", size)
-        for step in ("segment", "vectorize"):
+        for step in (s for s in ("segment", "vectorize") if s in steps):
             wall, rss, out = measure([sys.executable, __file__, "--child", step, "--size", str(size),
                                       "--chunk-size", str(args.chunk_size)], env)
             n = json.loads(out.strip().splitlines()[-1])["features"]
             rows.append((size, step, n, wall, rss))
-            print(f"{size}² {step}: {n} polygons, {wall:.1f} s, {n / wall:,.0f}/s, peak RSS {rss:,.0f} MiB",
-                  flush=True)
-        if size <= args.gdal_max and shutil.which("gdal_polygonize.py"):
+            split[size, step] = dict(PEAKS)
+            print(f"{size}² {step}: {n} polygons, {wall:.1f} s, {n / wall:,.0f}/s, peak RSS {rss:,.0f} MiB "
+                  f"(client {PEAKS['client']:,.0f}, largest child {PEAKS['child']:,.0f})", flush=True)
+        if "gdal" in steps and size <= args.gdal_max and shutil.which("gdal_polygonize.py"):
             mask = write_mask(OUT / f"run_{size}" / "probabilities.tif", OUT / f"mask_{size}.tif")
             gpkg = OUT / f"gdal_{size}.gpkg"
             gpkg.unlink(missing_ok=True)
@@ -173,10 +184,12 @@ def main(argv=None) -> None:
             print(f"{size}² gdal_polygonize.py: {n} polygons, {wall:.1f} s, {n / wall:,.0f}/s, "
                   f"peak RSS {rss:,.0f} MiB", flush=True)
 
-    print("\n| size | step | polygons | wall s | polygons/s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| size | step | polygons | wall s | polygons/s | peak RSS MiB | client / largest child MiB |")
+    print("|---|---|---|---|---|---|---|")
     for size, step, n, wall, rss in rows:
-        print(f"| {size}² | {step} | {n:,} | {wall:.1f} | {n / wall:,.0f} | {rss:,.0f} |")
+        peaks = split.get((size, step))
+        cells = f"{peaks['client']:,.0f} / {peaks['child']:,.0f}" if peaks else "–"
+        print(f"| {size}² | {step} | {n:,} | {wall:.1f} | {n / wall:,.0f} | {rss:,.0f} | {cells} |")
     by = {(s, k): (n, w, r) for s, k, n, w, r in rows}
     sizes = sorted({s for s, *_ in rows})
     for size in sizes:
@@ -185,7 +198,9 @@ def main(argv=None) -> None:
                   "gdal_polygonize.py to GeoPackage")
     for step in ("segment", "vectorize"):
         if (sizes[0], step) in by and (sizes[-1], step) in by and len(sizes) > 1:
-            print(f"{step}: peak RSS {sizes[-1]}² / {sizes[0]}² = {by[sizes[-1], step][2] / by[sizes[0], step][2]:.2f}")
+            big, small = split[sizes[-1], step], split[sizes[0], step]
+            print(f"{step}: peak RSS {sizes[-1]}² / {sizes[0]}² = {by[sizes[-1], step][2] / by[sizes[0], step][2]:.2f}"
+                  f" (client alone {big['client'] / small['client']:.2f})")
 
 
 if __name__ == "__main__":

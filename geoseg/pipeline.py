@@ -23,6 +23,7 @@ import numpy as np
 from .atomic import write_json_atomic
 from .classes import class_map, exclusive, write_class_part, write_classes
 from .config import SegmentConfig, VectorizeConfig
+from .errors import ChunkFailedError
 from .model import SegmenterFactory, clipseg_factory
 from .pieces import chunk_components
 from .prompts import PromptPlan, build_plan, embeddings_sha256
@@ -285,10 +286,24 @@ def _map_chunks(work: Callable[[Region], str], regions: Sequence[Region], worker
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def results() -> Iterator[str]:
+        done = pool.map(work, regions)
+        for i in range(len(regions)):
+            try:
+                yield next(done)
+            except BrokenProcessPool as exc:  # a process killed by the OS: say which chunks ran
+                running = ", ".join(r.name for r in regions[i:i + workers])
+                raise ChunkFailedError(
+                    f"a vectorize worker process died while one of chunks {running} was running "
+                    f"(killed by the OS, out of memory?); use fewer --workers or a smaller chunk size"
+                ) from exc
+
     try:
-        yield pool.map(work, regions)
+        yield results()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

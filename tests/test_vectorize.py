@@ -495,3 +495,26 @@ def test_one_threshold_rule_everywhere(t):
         polygonize_chunk(np.full((1, 2, 2), 0.5, np.float32), np.ones((2, 2), bool), 0, 0, [t])
     with pytest.raises(ConfigError, match="between 0 and 1"):
         finalize(Pieces.empty(), Affine.identity(), UTM, ["a"], [t])
+
+
+def _die_on(name: str, region) -> str:
+    """A chunk task whose process the OS kills (as the OOM killer does) on chunk ``name``."""
+    import signal
+
+    if region.name == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return region.name
+
+
+def test_a_killed_worker_process_names_the_chunks_it_may_have_run():
+    import functools
+
+    from geoseg.errors import ChunkFailedError
+    from geoseg.pipeline import _map_chunks
+    from geoseg.tiling import chunk_regions
+
+    regions = chunk_regions(64, 64, 16, 64)  # r0000000 .. r0000048
+    with pytest.raises(ChunkFailedError, match=r"worker process died while one of chunks "
+                                               r"(r\d{7}_c0000000, )*r0000032_c0000000"):
+        with _map_chunks(functools.partial(_die_on, "r0000032_c0000000"), regions, 2) as names:
+            assert list(names)  # never reached
