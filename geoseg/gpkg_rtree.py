@@ -40,9 +40,10 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _gdal_rtree_sql(layer: str, geom_col: str) -> tuple[list[str], str, list[tuple]]:
+def _gdal_rtree_sql(layer: str, geom_col: str, fid_col: str, version: int) -> tuple[list[str], str, list[tuple]]:
     """The statements that make layer ``layer``'s R-tree (virtual table first, then its triggers),
-    the ``gpkg_extensions`` table and its rows, as the GDAL at hand writes them for an empty layer."""
+    the ``gpkg_extensions`` table and its rows, as the GDAL at hand writes them for an empty layer
+    with the same names in a GeoPackage of the same version (1.2 and 1.4 differ in triggers)."""
     import pyarrow as pa
     import pyogrio
 
@@ -50,8 +51,9 @@ def _gdal_rtree_sql(layer: str, geom_col: str) -> tuple[list[str], str, list[tup
     with tempfile.TemporaryDirectory(prefix="geoseg-rtree-") as tmp:
         path = Path(tmp) / "template.gpkg"
         pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, iter(())), path, layer=layer,
-                            driver="GPKG", geometry_name="geometry", geometry_type="Polygon",
-                            crs="EPSG:4326", layer_options={"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": geom_col})
+                            driver="GPKG", geometry_name="geometry", geometry_type="Polygon", crs="EPSG:4326",
+                            layer_options={"SPATIAL_INDEX": "YES", "GEOMETRY_NAME": geom_col, "FID": fid_col},
+                            dataset_options={"VERSION": f"{version // 10000}.{version // 100 % 100}"})
         with closing(sqlite3.connect(path)) as con:
             rtree = f"rtree_{layer}_{geom_col}"
             table = con.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
@@ -83,8 +85,11 @@ def envelopes(rows: list[tuple[int, bytes]], con: sqlite3.Connection, table: str
         raise ValueError(f"{table}.{geom_col}: not GeoPackage geometry blobs")
     flags = head[:, 3]
     little, kind, empty = (flags & 1).astype(bool), (flags >> 1) & 7, ((flags >> 4) & 1).astype(bool)
+    if (kind > 4).any():
+        raise ValueError(f"{table}.{geom_col}: invalid GeoPackage envelope indicator {int(kind.max())}")
     raw = np.ascontiguousarray(head[:, 8:40])
     env = np.where(little[:, None], raw.view("<f8"), raw.view(">f8"))
+    empty |= (kind > 0) & np.isnan(env).any(axis=1)  # the spec's other way to say empty
     for i in np.flatnonzero((kind == 0) & ~empty):  # no envelope in the header: measure the geometry
         blob = con.execute(f"SELECT {_quote(geom_col)} FROM {_quote(table)} WHERE rowid = ?",
                            (int(fid[i]),)).fetchone()[0]
@@ -101,10 +106,11 @@ def envelopes(rows: list[tuple[int, bytes]], con: sqlite3.Connection, table: str
 def float32_box(env: np.ndarray) -> np.ndarray:
     """Boxes in float32 that contain the float64 ones, as SQLite's R-tree stores them: minima
     rounded down, maxima up."""
-    box = env.astype(np.float32)
-    lo, hi = box[:, [0, 2]], box[:, [1, 3]]
-    lo[:] = np.where(lo > env[:, [0, 2]], np.nextafter(lo, np.float32(-np.inf)), lo)
-    hi[:] = np.where(hi < env[:, [1, 3]], np.nextafter(hi, np.float32(np.inf)), hi)
+    with np.errstate(over="ignore"):  # beyond float32's range: +-inf, which still contains
+        box = env.astype(np.float32)
+        lo, hi = box[:, [0, 2]], box[:, [1, 3]]
+        lo[:] = np.where(lo > env[:, [0, 2]], np.nextafter(lo, np.float32(-np.inf)), lo)
+        hi[:] = np.where(hi < env[:, [1, 3]], np.nextafter(hi, np.float32(np.inf)), hi)
     box[:, [0, 2]], box[:, [1, 3]] = lo, hi
     return box
 
@@ -160,7 +166,9 @@ def build_rtree(path: Path | str, layer: str, progress: bool = False) -> int:
         rtree = f"rtree_{layer}_{geom_col}"
         if con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (rtree,)).fetchone():
             raise ValueError(f"{path}: layer {layer!r} has a spatial index already")
-        statements, extension_table, extension = _gdal_rtree_sql(layer, geom_col)
+        fid_col = next(r[1] for r in con.execute(f"PRAGMA table_info({_quote(layer)})") if r[5] == 1)
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        statements, extension_table, extension = _gdal_rtree_sql(layer, geom_col, fid_col, version)
         total = con.execute(f"SELECT max(rowid) FROM {_quote(layer)}").fetchone()[0] or 0  # O(log n)
         con.execute("PRAGMA journal_mode = OFF")
         con.execute("PRAGMA synchronous = OFF")
@@ -193,7 +201,12 @@ def build_rtree(path: Path | str, layer: str, progress: bool = False) -> int:
                 level_box.append(_node_boxes(box, capacity))
                 next_node += len(blobs)
                 indexed += len(fid)
-        if indexed:
+        if next_node == 3:  # one leaf: it is the root (SQLite never makes a root with one child)
+            node = _quote(rtree + "_node")
+            con.execute(f"UPDATE {node} SET data = (SELECT data FROM {node} WHERE nodeno = 2) WHERE nodeno = 1")
+            con.execute(f"DELETE FROM {node} WHERE nodeno = 2")
+            con.execute(f"UPDATE {_quote(rtree + '_rowid')} SET nodeno = 1")
+        elif indexed:
             ids, box = np.concatenate(level_ids), np.concatenate(level_box)
             depth = 1
             while len(ids) > capacity:  # pack the level above, until it fits in the root

@@ -8,8 +8,8 @@ Arrow table (``parts/<chunk>.polygons.parquet``), 20,000 polygons at a time; onl
 pieces (seam-touching, and those the rules below tie to them) are kept as pixel pieces
 (``parts/<chunk>.seam``). The client
 (:class:`PolygonOutput`) appends the chunks' tables to the output **in chunk order** as they become
-available, merges and appends the deferred pieces row of chunks by row of chunks, and builds the
-spatial index once at the end.
+available, merges and appends the deferred pieces row of chunks by row of chunks, and packs the
+GeoPackage's spatial index once at the end, in bounded memory (:mod:`geoseg.gpkg_rtree`).
 
 Which rule keeps this exact
 ---------------------------
@@ -540,7 +540,7 @@ class _ParquetStream:
 @contextlib.contextmanager
 def ticking(desc: str, enabled: bool, size_of: Callable[[], int] | None = None) -> Iterator[None]:
     """A progress line that ticks (elapsed time, bytes written so far) while a long step with no
-    progress report of its own runs: the COG copy, the R-tree build. Never silent for minutes."""
+    progress report of its own runs: the COG copy, the seam merge. Never silent for minutes."""
     if not enabled:
         yield
         return

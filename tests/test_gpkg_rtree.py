@@ -35,13 +35,13 @@ def _boxes(n: int, seed: int = 0, exact: bool = True) -> np.ndarray:
     return b
 
 
-def _write(path, bounds: np.ndarray, index: bool) -> None:
+def _write(path, bounds: np.ndarray, index: bool, version: str = "1.2", fid: str = "fid") -> None:
     geoms = shapely.box(*bounds.T) if len(bounds) else np.array([], object)
     gdf = gpd.GeoDataFrame({"k": np.arange(len(bounds))}, geometry=list(geoms), crs=CRS)
     pyogrio.write_dataframe(gdf, path, layer="p", driver="GPKG", geometry_type="MultiPolygon",
-                            promote_to_multi=True,
+                            promote_to_multi=True, dataset_options={"VERSION": version},
                             layer_options={"SPATIAL_INDEX": "YES" if index else "NO", "GEOMETRY_NAME": "geom",
-                                           "FID": "fid"})
+                                           "FID": fid})
 
 
 def _rtree(path) -> tuple[np.ndarray, np.ndarray]:
@@ -101,18 +101,53 @@ def test_float32_boxes_contain_the_geometry(tmp_path, small_windows):
     up = np.nextafter(lo.astype(np.float32), np.float32(np.inf)).astype(float)
     down = np.nextafter(hi.astype(np.float32), np.float32(-np.inf)).astype(float)
     assert (up > bounds[:, :2]).all() and (down < bounds[:, 2:]).all()  # tightest
-    env = bounds[:, [0, 2, 1, 3]]
-    np.testing.assert_array_equal(float32_box(env), boxes.astype(np.float32))
 
 
-def test_same_schema_and_answers_as_gdal(tmp_path):
-    """The R-tree table, its triggers and the gpkg_extensions row are GDAL's own; GDAL reports the
-    index and answers a bbox read as it does with the index it builds itself."""
+def test_float32_boxes_beyond_float32_range():
+    env = np.array([[-1e39, 1e39, -3.5e38, 3.5e38], [-0.0, 0.0, -1e-300, 1e-300]])
+    box = float32_box(env)
+    assert (box[:, [0, 2]] <= env[:, [0, 2]]).all() and (box[:, [1, 3]] >= env[:, [1, 3]]).all()
+    assert np.isinf(box[0]).all() and box[1, 3] > 0 > box[1, 2]
+
+
+@pytest.mark.parametrize("n", [1, 5, 51, 52, 2602])
+def test_sqlite_edits_the_tree_afterwards(tmp_path, small_windows, n):
+    """SQLite's own insert, update and delete code works on the packed tree (a one-leaf layer is a
+    root leaf, as SQLite makes it), including a delete through GDAL's trigger."""
+    bounds = _boxes(n)
+    path = tmp_path / "p.gpkg"
+    _write(path, bounds, index=False)
+    build_rtree(path, "p")
+    rng = np.random.default_rng(n)
+    with closing(sqlite3.connect(path)) as con:
+        con.execute("DELETE FROM p WHERE fid = 1")  # the GeoPackage delete trigger (plain SQL)
+        gone = rng.choice(np.arange(2, n + 1), size=(n - 1) * 2 // 3, replace=False) if n > 1 else []
+        for fid in gone:
+            con.execute("DELETE FROM rtree_p_geom WHERE id = ?", (int(fid),))
+        for fid in range(2, n + 1, 3):
+            if fid not in set(gone):
+                con.execute("UPDATE rtree_p_geom SET minx = minx - 5 WHERE id = ?", (fid,))
+        for fid in range(n + 1, n + 60):
+            con.execute("INSERT INTO rtree_p_geom VALUES (?, ?, ?, ?, ?)", (fid, fid, fid + 1, 0, 1))
+        con.commit()
+        assert con.execute("SELECT rtreecheck('rtree_p_geom')").fetchone()[0] == "ok"
+        left = {r[0] for r in con.execute("SELECT id FROM rtree_p_geom")}
+        assert left == (set(range(2, n + 60)) - {int(f) for f in gone})
+        hits = {r[0] for r in con.execute("SELECT id FROM rtree_p_geom WHERE minx <= ? AND maxx >= ?",
+                                          (n + 10.5, n + 10.5))}
+        assert {n + 10} <= hits
+
+
+@pytest.mark.parametrize("version, fid", [("1.2", "fid"), ("1.4", "ogc_fid")])
+def test_same_schema_and_answers_as_gdal(tmp_path, version, fid):
+    """The R-tree table, its triggers (which differ between GeoPackage 1.2 and 1.4 and name the
+    id column) and the gpkg_extensions row are what GDAL writes; GDAL reports the index and answers
+    a bbox read as it does with the index it builds itself."""
     bounds = _boxes(3000, exact=False)
     ours, gdal = tmp_path / "ours.gpkg", tmp_path / "gdal.gpkg"
-    _write(ours, bounds, index=False)
+    _write(ours, bounds, index=False, version=version, fid=fid)
     build_rtree(ours, "p")
-    _write(gdal, bounds, index=True)
+    _write(gdal, bounds, index=True, version=version, fid=fid)
 
     def schema(path):
         with closing(sqlite3.connect(path)) as con:
