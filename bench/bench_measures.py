@@ -1,6 +1,6 @@
 """Area/perimeter of projected-CRS polygons: geoseg's measure (issue 12) against the truth.
 
-geoseg (:class:`geoseg.polygons._Measure`) measures each polygon from the projection's local Jacobian
+geoseg (:class:`geoseg.polygons.Measure`) measures each polygon from the projection's local Jacobian
 (``Proj.get_factors``) at the polygon, and sends polygons whose error estimate exceeds the bar to a
 geodesic path (densified in the source CRS, unprojected, measured on the ellipsoid). For each CRS and
 place, staircase polygons (pixel-edged, like geoseg's, with a hole) of a given extent are measured:
@@ -30,7 +30,7 @@ import shapely
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geoseg.polygons import _Measure  # noqa: E402
+from geoseg.polygons import Measure  # noqa: E402
 
 CASES = [  # (label, CRS, lon, lat)
     ("UTM 33N, central meridian, 45N", "EPSG:32633", 15.0, 45.0),
@@ -86,7 +86,7 @@ def truth(crs: str, geoms: np.ndarray, size: float, with_geod: bool = False):
     return np.array(areas), np.array(perims), np.array(geod_areas)
 
 
-def old_path(m: _Measure, geoms: np.ndarray):
+def old_path(m: Measure, geoms: np.ndarray):
     """The measure before issue 12: every vertex unprojected, area in cylindrical equal-area."""
     to_geo = m.to_geographic
     return m._ellipsoidal(shapely.transform(geoms, lambda xy: np.column_stack(to_geo.transform(xy[:, 0], xy[:, 1]))))
@@ -102,7 +102,7 @@ def error_table() -> None:
           "| before: perimeter | LAEA vs Geod truth |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, crs, lon, lat in CASES:
-        m = _Measure(crs)
+        m = Measure(crs)
         c = pyproj.CRS(crs)
         x0, y0 = pyproj.Transformer.from_crs(c.geodetic_crs, c, always_xy=True).transform(lon, lat)
         for ext in EXTENTS_M:
@@ -119,7 +119,7 @@ def error_table() -> None:
 
 
 def speed(n: int) -> None:
-    m = _Measure("EPSG:32633")
+    m = Measure("EPSG:32633")
     rng = np.random.default_rng(1)
     xy = rng.uniform([500000, 4980000], [502048, 4982048], (n, 2)).round()
     geoms = shapely.box(xy[:, 0], xy[:, 1], xy[:, 0] + 0.5 * rng.integers(1, 4, len(xy)), xy[:, 1] + 0.5)

@@ -56,7 +56,7 @@ _SMALL_POLYGON_M = 1000.0
 _SMALL_POLYGON_NONCONFORMAL_M = 100.0
 
 
-class _Measure:
+class Measure:
     """How to turn geometry in CRS units into metres and square metres.
 
     * geographic CRS: geodesic area/perimeter on the CRS's own ellipsoid (``pyproj.Geod``).
@@ -414,7 +414,7 @@ def _apply_affine(geoms: np.ndarray, transform: Affine) -> np.ndarray:
     return shapely.orient_polygons(out, exterior_cw=False)
 
 
-def _fill_holes(geoms: np.ndarray, measure: _Measure, limit: float) -> tuple[np.ndarray, np.ndarray]:
+def _fill_holes(geoms: np.ndarray, measure: Measure, limit: float) -> tuple[np.ndarray, np.ndarray]:
     """Drop interior rings with area < ``limit``; returns new geometry and a "changed" flag."""
     changed = np.zeros(len(geoms), bool)
     nh = shapely.get_num_interior_rings(geoms)
@@ -591,7 +591,7 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
 
     Areas (``min_area``, ``fill_holes``) are in m² when the CRS can be measured: ellipsoidal for a
     projected or geographic CRS on a known ellipsoid (within 1e-6 of the area on the ellipsoid, see
-    :class:`_Measure`), planar × the unit's metres for other linear CRSs; otherwise (no CRS, unknown
+    :class:`Measure`), planar × the unit's metres for other linear CRSs; otherwise (no CRS, unknown
     units) in CRS units².
 
     Columns: ``prompt``, ``prompt_index``, ``threshold``, ``mean_prob`` (mean probability of the
@@ -629,7 +629,7 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
             raise ConfigError(f"transform must be an affine.Affine, got {transform!r}") from None
     if transform.determinant == 0:
         raise ConfigError(f"transform {tuple(transform)[:6]} is degenerate (determinant 0)")
-    measure = _Measure(crs)
+    measure = Measure(crs)
     out_crs = crs if dst_crs is None else dst_crs
     if len(pieces) == 0:
         return _empty_frame(out_crs)

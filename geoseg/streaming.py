@@ -90,7 +90,7 @@ from .pieces import (
     seam_links,
     write_pieces,
 )
-from .polygons import OUTPUT_COLUMNS, _Measure, finalize
+from .polygons import OUTPUT_COLUMNS, Measure, finalize
 from .tiling import Region
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class VectorJob:
         a, b, x0, d, e, y0 = self.transform
         corners = np.stack([c, r, c + 1, r, c + 1, r + 1, c, r + 1], axis=1).reshape(-1, 4, 2)
         xy = corners @ np.array([[a, d], [b, e]]) + np.array([x0, y0])
-        area, _ = _Measure(self.crs).area_perimeter(shapely.polygons(xy))
+        area, _ = Measure(self.crs).area_perimeter(shapely.polygons(xy))
         smallest = 0.5 * float(np.min(area))
         limit = self.height * self.width
         if not np.isfinite(smallest) or smallest <= 0:
@@ -232,11 +232,13 @@ def touching(bounds: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.ndarray
     return j[keep], i[keep]
 
 
-def linked_to(seed: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``seed`` grown to every item connected to a seeded one by the pairs ``(u, v)``."""
+def linked_to(seed: np.ndarray, u: np.ndarray, v: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
+    """``seed`` grown to every item connected to a seeded one by the pairs ``(u, v)`` (``group``:
+    their connected components, when the caller has them already)."""
     if len(u) == 0 or not seed.any() or seed.all():
         return seed
-    group = components(len(seed), u, v)
+    if group is None:
+        group = components(len(seed), u, v)
     return np.isin(group, group[seed])
 
 
@@ -412,7 +414,7 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
             eu, ev = cp.enclosure_links(near_seam(cp.bounds, region, job.height, job.width), job)
             u, v = np.r_[u, eu], np.r_[v, ev]
         group = components(n, u, v) if len(u) else None
-        deferred = linked_to(seed, u, v)
+        deferred = linked_to(seed, u, v, group)
     if job.chunk_local and job.exclusive:
         ti, tj = touching(cp.bounds, job)
     else:  # no class map, or everything deferred: no context

@@ -13,7 +13,7 @@ import pyproj
 import pytest
 import shapely
 
-from geoseg.polygons import _ESTIMATE_MARGIN, MEASURE_MAX_ERROR, _Measure
+from geoseg.polygons import _ESTIMATE_MARGIN, MEASURE_MAX_ERROR, Measure
 
 CASES = {  # CRS, lon, lat
     "utm-central": ("EPSG:32633", 15.0, 45.0),
@@ -64,9 +64,9 @@ def truth(crs: str, geoms: np.ndarray, size: float) -> tuple[np.ndarray, np.ndar
     return np.array(areas), np.array(perims)
 
 
-def polygons(case: str, extent_m: float, n: int = 3) -> tuple[_Measure, np.ndarray, float]:
+def polygons(case: str, extent_m: float, n: int = 3) -> tuple[Measure, np.ndarray, float]:
     crs, lon, lat = CASES[case]
-    m = _Measure(crs)
+    m = Measure(crs)
     size = extent_m / m.factor
     return m, staircase(*origin(crs, lon, lat), size, n=n), size
 
@@ -116,8 +116,8 @@ def test_small_polygons_take_the_fast_path_and_large_ones_the_geodesic_path(case
     assert m._by_jacobian(small)[2].all()
     assert not m._by_jacobian(large)[2].any()
     calls = []
-    real = _Measure._unprojected
-    monkeypatch.setattr(_Measure, "_unprojected", lambda self, g: calls.append(len(g)) or real(self, g))
+    real = Measure._unprojected
+    monkeypatch.setattr(Measure, "_unprojected", lambda self, g: calls.append(len(g)) or real(self, g))
     m.area_perimeter(small)
     assert calls == []  # none of the small ones was unprojected
     m.area_perimeter(np.concatenate([small, large]))
@@ -155,7 +155,7 @@ def test_multipolygon_is_the_sum_of_its_parts_and_empty_is_zero():
 
 def test_unevaluable_projection_is_not_the_fast_path():
     """Where get_factors gives inf/NaN (errcheck=False), the Jacobian path declines the polygon."""
-    m = _Measure("+proj=ortho +lat_0=45 +lon_0=0 +ellps=WGS84")
+    m = Measure("+proj=ortho +lat_0=45 +lon_0=0 +ellps=WGS84")
     assert m.kind == "projected" and m.jacobian_ok
     beyond = shapely.box(4.6e6, 4.6e6, 4.6e6 + 10, 4.6e6 + 10)  # past the horizon
     inside = shapely.box(1e5, 1e5, 1e5 + 10, 1e5 + 10)
