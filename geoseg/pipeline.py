@@ -295,11 +295,11 @@ def _map_chunks(work: Callable[[Region], str], regions: Sequence[Region], worker
         for i in range(len(regions)):
             try:
                 yield next(done)
-            except BrokenProcessPool as exc:  # a process killed by the OS: say which chunks ran
-                running = ", ".join(r.name for r in regions[i:i + workers])
+            except BrokenProcessPool as exc:  # a process killed by the OS: every unfinished chunk fails
                 raise ChunkFailedError(
-                    f"a vectorize worker process died while one of chunks {running} was running "
-                    f"(killed by the OS, out of memory?); use fewer --workers or a smaller chunk size"
+                    f"a vectorize worker process died (killed by the OS, out of memory?) with chunk "
+                    f"{regions[i].name} unfinished ({i} of {len(regions)} chunks done); use fewer "
+                    f"--workers or a smaller chunk size"
                 ) from exc
 
     try:

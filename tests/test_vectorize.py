@@ -506,7 +506,7 @@ def _die_on(name: str, region) -> str:
     return region.name
 
 
-def test_a_killed_worker_process_names_the_chunks_it_may_have_run():
+def test_a_killed_worker_process_is_a_chunk_error_not_a_broken_pool():
     import functools
 
     from geoseg.errors import ChunkFailedError
@@ -514,7 +514,7 @@ def test_a_killed_worker_process_names_the_chunks_it_may_have_run():
     from geoseg.tiling import chunk_regions
 
     regions = chunk_regions(64, 64, 16, 64)  # r0000000 .. r0000048
-    with pytest.raises(ChunkFailedError, match=r"worker process died while one of chunks "
-                                               r"(r\d{7}_c0000000, )*r0000032_c0000000"):
+    with pytest.raises(ChunkFailedError, match=r"worker process died \(killed by the OS, out of memory\?\) "
+                                               r"with chunk r00000(00|16|32)_c0000000 unfinished \([012] of 4"):
         with _map_chunks(functools.partial(_die_on, "r0000032_c0000000"), regions, 2) as names:
             assert list(names)  # never reached
