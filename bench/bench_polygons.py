@@ -84,19 +84,19 @@ def write_mask(cog: Path, mask: Path, threshold: float = 0.5) -> Path:
 
 # -- children (each runs in a fresh process) -------------------------------------------------------
 
-def child_segment(size: int, chunk: int) -> dict:
+def child_segment(size: int, chunk: int, max_in_flight: int | None = None) -> dict:
     import geoseg
     from geoseg.config import SegmentConfig
     from tests.models import PerPixelFactory
 
     src = make_speckle(OUT / f"speckle_{size}.tif", size)
     cfg = SegmentConfig(input=str(src), prompts=("speckle",), output=OUT / f"run_{size}", overwrite=True,
-                        chunk_size=chunk)
+                        chunk_size=chunk, max_in_flight=max_in_flight)
     res = geoseg.segment(cfg, segmenter_factory=PerPixelFactory())
     return {"features": res.features}
 
 
-def child_vectorize(size: int, chunk: int) -> dict:
+def child_vectorize(size: int, chunk: int, max_in_flight: int | None = None) -> dict:
     from geoseg.config import VectorizeConfig
     from geoseg.pipeline import vectorize
 
@@ -151,12 +151,14 @@ def main(argv=None) -> None:
     ap.add_argument("--gdal-max", type=int, default=16384, help="skip the GDAL anchor above this size")
     ap.add_argument("--steps", default="segment,vectorize,gdal",
                     help="which steps to run (vectorize and gdal reuse an earlier segment run)")
+    ap.add_argument("--max-in-flight", type=int, default=None,
+                    help="segment: chunks in flight (default: geoseg's, two per worker)")
     ap.add_argument("--child", choices=["segment", "vectorize"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         fn = child_segment if args.child == "segment" else child_vectorize
-        print(json.dumps(fn(args.size, args.chunk_size)))
+        print(json.dumps(fn(args.size, args.chunk_size, args.max_in_flight)))
         return
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -167,7 +169,9 @@ def main(argv=None) -> None:
         make_speckle(OUT / f"speckle_{size}.tif", size)
         for step in (s for s in ("segment", "vectorize") if s in steps):
             wall, rss, out = measure([sys.executable, __file__, "--child", step, "--size", str(size),
-                                      "--chunk-size", str(args.chunk_size)], env)
+                                      "--chunk-size", str(args.chunk_size),
+                                      *(["--max-in-flight", str(args.max_in_flight)] if args.max_in_flight else [])],
+                                     env)
             n = json.loads(out.strip().splitlines()[-1])["features"]
             rows.append((size, step, n, wall, rss))
             split[size, step] = dict(PEAKS)

@@ -168,6 +168,8 @@ def build_rtree(path: Path | str, layer: str, progress: bool = False) -> int:
             raise ValueError(f"{path}: layer {layer!r} has a spatial index already")
         fid_col = next(r[1] for r in con.execute(f"PRAGMA table_info({_quote(layer)})") if r[5] == 1)
         version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version < 10200:  # 1.0/1.1 files keep no version here, and their triggers differ
+            raise ValueError(f"{path}: GeoPackage older than 1.2 (user_version {version})")
         statements, extension_table, extension = _gdal_rtree_sql(layer, geom_col, fid_col, version)
         total = con.execute(f"SELECT max(rowid) FROM {_quote(layer)}").fetchone()[0] or 0  # O(log n)
         con.execute("PRAGMA journal_mode = OFF")
@@ -182,25 +184,31 @@ def build_rtree(path: Path | str, layer: str, progress: bool = False) -> int:
         put_parent = f"INSERT INTO {_quote(rtree + '_parent')} VALUES (?, ?)"
 
         next_node = 2
+
+        def pack(ids: np.ndarray, box: np.ndarray, link: str) -> tuple[np.ndarray, np.ndarray]:
+            """Write cells ``(ids, box)`` in STR order as new full nodes, each cell's id linked to
+            its node (``link``: the ``_rowid`` or ``_parent`` insert); return the nodes and boxes."""
+            nonlocal next_node
+            order = str_order(box, capacity)
+            ids, box = ids[order], box[order]
+            blobs = _nodes(ids, box, capacity, node_size)
+            nodeno = np.arange(next_node, next_node + len(blobs))
+            next_node += len(blobs)
+            con.executemany(put_node, zip(nodeno.tolist(), blobs))
+            con.executemany(link, zip(ids.tolist(), np.repeat(nodeno, capacity)[:len(ids)].tolist()))
+            return nodeno, _node_boxes(box, capacity)
+
         level_ids, level_box = [], []  # the leaves: node numbers and boxes
         indexed = 0
         with progress_bar(total=total, desc="spatial index", unit="row", disable=not progress) as bar:
             for rows in _windows(con, layer, geom_col):
                 fid, env = envelopes(rows, con, layer, geom_col)
-                bar.update(len(rows))
-                if not len(fid):
-                    continue
-                box = float32_box(env)
-                order = str_order(box, capacity)
-                fid, box = fid[order], box[order]
-                blobs = _nodes(fid, box, capacity, node_size)
-                nodeno = np.arange(next_node, next_node + len(blobs))
-                con.executemany(put_node, zip(nodeno.tolist(), blobs))
-                con.executemany(put_rowid, zip(fid.tolist(), np.repeat(nodeno, capacity)[:len(fid)].tolist()))
-                level_ids.append(nodeno)
-                level_box.append(_node_boxes(box, capacity))
-                next_node += len(blobs)
-                indexed += len(fid)
+                bar.update(rows[-1][0] - bar.n)  # rowids done, as the total counts them
+                if len(fid):
+                    nodes, boxes = pack(fid, float32_box(env), put_rowid)
+                    level_ids.append(nodes)
+                    level_box.append(boxes)
+                    indexed += len(fid)
         if next_node == 3:  # one leaf: it is the root (SQLite never makes a root with one child)
             node = _quote(rtree + "_node")
             con.execute(f"UPDATE {node} SET data = (SELECT data FROM {node} WHERE nodeno = 2) WHERE nodeno = 1")
@@ -210,14 +218,7 @@ def build_rtree(path: Path | str, layer: str, progress: bool = False) -> int:
             ids, box = np.concatenate(level_ids), np.concatenate(level_box)
             depth = 1
             while len(ids) > capacity:  # pack the level above, until it fits in the root
-                order = str_order(box, capacity)
-                ids, box = ids[order], box[order]
-                blobs = _nodes(ids, box, capacity, node_size)
-                nodeno = np.arange(next_node, next_node + len(blobs))
-                con.executemany(put_node, zip(nodeno.tolist(), blobs))
-                con.executemany(put_parent, zip(ids.tolist(), np.repeat(nodeno, capacity)[:len(ids)].tolist()))
-                ids, box = nodeno, _node_boxes(box, capacity)
-                next_node += len(blobs)
+                ids, box = pack(ids, box, put_parent)
                 depth += 1
             con.execute(f"UPDATE {_quote(rtree + '_node')} SET data = ? WHERE nodeno = 1",
                         (_nodes(ids, box, capacity, node_size, depth)[0],))

@@ -26,6 +26,7 @@ from .config import SegmentConfig, VectorizeConfig
 from .errors import ChunkFailedError
 from .model import SegmenterFactory, clipseg_factory
 from .pieces import chunk_components
+from .progress import progress_bar
 from .prompts import PromptPlan, build_plan, embeddings_sha256
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, read_probabilities, write_cog, write_vrt
 from .rundir import (
@@ -340,14 +341,14 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = Fal
     n_workers = min(workers or len(os.sched_getaffinity(0)), len(regions))
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".vectorize-") as tmp, \
             PolygonOutput(path, regions, vjob, progress) as out:
-        from tqdm.auto import tqdm
-
         parts = Path(tmp)
         (parts / PARTS).mkdir()
         work = functools.partial(_vectorize_chunk, run_dir, parts, vjob, classes)
-        with _map_chunks(work, regions, n_workers) as names:
-            for name in tqdm(names, total=len(regions), unit="chunk", desc="vectorize", disable=not progress):
+        with _map_chunks(work, regions, n_workers) as names, \
+                progress_bar(total=len(regions), desc="vectorize", unit="chunk", disable=not progress) as bar:
+            for name in names:
                 out.add(name, *chunk_sources(parts, name))
+                bar.update(1)
         features = out.finish()
     if classes:
         write_classes(run_dir, [(r, f"{PARTS}/{r.name}{CLASS_PART}") for r in regions], grid, prompts)

@@ -222,3 +222,10 @@ def test_qgis_queries_through_the_tree(tmp_path, small_windows):
     assert v["spatial_index"] is True
     assert v["filter_rect_ok"], v["filter_rect"]
     assert all(c["intersecting"] > 1000 for c in v["filter_rect"]), v["filter_rect"]
+
+
+def test_refuses_a_geopackage_older_than_1_2(tmp_path):
+    path = tmp_path / "p.gpkg"
+    _write(path, _boxes(10), index=False, version="1.1")
+    with pytest.raises(ValueError, match="older than 1.2"):
+        build_rtree(path, "p")

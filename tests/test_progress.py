@@ -87,6 +87,10 @@ def test_cli_vectorize_jsonl_result(tmp_path, inproc_client, perpixel):
     gdf = gpd.read_file(result["polygons"], layer=result["layer"])
     assert result["command"] == "vectorize" and result["features"] == len(gdf) > 0
     assert result["thresholds"] == [0.3] and set(gdf["threshold"].round(6)) == {0.3}
+    # progress as JSON too: the chunks, then the spatial index up to every feature
+    stages = [(e["stage"], e["unit"], e["done"], e["total"]) for e in events if e["event"] == "progress"]
+    assert stages[0] == ("vectorize", "chunk", 0, 1) and stages[1] == ("vectorize", "chunk", 1, 1)
+    assert stages[-1] == ("spatial index", "row", len(gdf), len(gdf))
 
 
 def test_cli_evaluate_result_event(tmp_path, inproc_client):

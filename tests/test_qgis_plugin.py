@@ -141,17 +141,26 @@ def test_runner_streams_events_and_returns_result(tmp_path):
 assert sys.argv[1:3] == ["--progress", "jsonl"], sys.argv
 for i in range(3):
     print(json.dumps({"event": "progress", "done": i, "total": 2}), flush=True)
+print(json.dumps({"event": "progress", "done": 0, "total": 0, "unit": "chunk"}), flush=True)
+for n in (0, 65536, 100000):
+    print(json.dumps({"event": "progress", "stage": "spatial index", "done": n, "total": 100000, "unit": "row"}),
+          flush=True)
 print(json.dumps({"event": "log", "level": "WARNING", "message": "careful"}), flush=True)
 print("not json", flush=True)
 print("some library noise", file=sys.stderr, flush=True)
 print(json.dumps({"event": "result", "features": 7, "argv": sys.argv[3:]}), flush=True)
 """)
     seen: dict = {"progress": [], "log": [], "out": [], "start": []}
-    res = runner.run_geoseg(exe, ["segment", "x"], on_progress=lambda d, t: seen["progress"].append((d, t)),
+    res = runner.run_geoseg(exe, ["segment", "x"], on_progress=lambda p, t: seen["progress"].append((p, t)),
                             on_log=lambda lv, m: seen["log"].append((lv, m)), on_output=seen["out"].append,
                             on_start=lambda pid, cmd: seen["start"].append(cmd))
     assert res["features"] == 7 and res["argv"] == ["segment", "x"]
-    assert seen["progress"] == [(0, 2), (1, 2), (2, 2)]
+    # chunks fill 0..95 %, the spatial index (rows) the rest: the bar never runs backwards
+    assert seen["progress"] == [
+        (0.0, "geoseg: chunk 0 of 2"), (47.5, "geoseg: chunk 1 of 2"), (95.0, "geoseg: chunk 2 of 2"),
+        (95.0, "geoseg: spatial index, 0 of 100,000 rows"),
+        (95.0 + 5.0 * 0.65536, "geoseg: spatial index, 65,536 of 100,000 rows"),
+        (100.0, "geoseg: spatial index, 100,000 of 100,000 rows")]
     assert seen["log"] == [("WARNING", "careful")]
     assert sorted(seen["out"]) == ["not json", "some library noise"]
     assert seen["start"][0].endswith("--progress jsonl segment x")

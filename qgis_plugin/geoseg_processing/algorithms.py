@@ -44,8 +44,6 @@ DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_CHUNK = 4096
 DEFAULT_EXEMPLAR_WEIGHT = 0.5  # geoseg's own default (geoseg.prompts.EXEMPLAR_WEIGHT)
-#: Share of the progress bar for the chunks; the rest is assembly and writing the polygons.
-CHUNK_SHARE = 95.0
 
 
 def _advanced(param):
@@ -101,10 +99,9 @@ class GeosegAlgorithm(QgsProcessingAlgorithm):
             feedback.pushCommandInfo(cmdline)
             feedback.pushInfo(f"geoseg started (pid {pid})")
 
-        def on_progress(done, total):
-            if total:
-                feedback.setProgress(CHUNK_SHARE * done / total)
-                feedback.setProgressText(f"geoseg: chunk {done} of {total}")
+        def on_progress(percent, text):
+            feedback.setProgress(percent)
+            feedback.setProgressText(text)
 
         def on_log(level, message):
             if level in ("WARNING", "ERROR", "CRITICAL"):

@@ -203,8 +203,26 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+#: Share of the progress bar for the chunks; the steps geoseg reports after them (the spatial
+#: index, counted in rows) fill the rest, so the bar never runs backwards.
+CHUNK_SHARE = 95.0
+
+
+def progress_of(event: dict) -> tuple[float, str] | None:
+    """``(percent, text)`` for a geoseg progress event, or None when it has no total yet. Chunk
+    events fill 0..CHUNK_SHARE %; other stages (unit ``row``: the spatial index) the rest."""
+    done, total = int(event.get("done", 0)), int(event.get("total", 0))
+    if total <= 0:
+        return None
+    unit = str(event.get("unit", "chunk"))
+    if unit == "chunk":
+        return CHUNK_SHARE * done / total, f"geoseg: chunk {done} of {total}"
+    stage = str(event.get("stage", "")).strip() or "finishing"
+    return CHUNK_SHARE + (100.0 - CHUNK_SHARE) * done / total, f"geoseg: {stage}, {done:,} of {total:,} {unit}s"
+
+
 def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | None = None,
-               on_progress: Callable[[int, int], None] = lambda done, total: None,
+               on_progress: Callable[[float, str], None] = lambda percent, text: None,
                on_log: Callable[[str, str], None] = lambda level, message: None,
                on_output: Callable[[str], None] = lambda line: None,
                on_start: Callable[[int, str], None] = lambda pid, cmdline: None,
@@ -214,7 +232,8 @@ def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | No
     ``text_result``: a command that prints plain text instead of a result event (evaluate and train
     as their branches stand) succeeds with ``{"text": <its stdout lines>}``.
 
-    Callbacks run in the calling thread: ``on_progress(done, total)`` per progress event,
+    Callbacks run in the calling thread: ``on_progress(percent, text)`` per progress event
+    (:func:`progress_of`),
     ``on_log(level, message)`` per log event, ``on_output(line)`` for anything else geoseg or its
     libraries print (stderr, non-JSON stdout), ``on_start(pid, command line)`` once.
     ``is_canceled`` is polled at least every :data:`POLL_S` s; when it turns true the process tree
@@ -270,7 +289,9 @@ def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | No
                 continue
             kind = event.get("event")
             if kind == "progress":
-                on_progress(int(event.get("done", 0)), int(event.get("total", 0)))
+                shown = progress_of(event)
+                if shown is not None:
+                    on_progress(*shown)
             elif kind == "log":
                 on_log(str(event.get("level", "INFO")), str(event.get("message", "")))
             elif kind == "result":
@@ -320,7 +341,7 @@ def _error_line(stderr: list[str]) -> str | None:
 
 
 if __name__ == "__main__":  # a manual check: python runner.py geoseg segment ...
-    res = run_geoseg(sys.argv[1], sys.argv[2:], on_progress=lambda d, t: print(f"{d}/{t}"),
+    res = run_geoseg(sys.argv[1], sys.argv[2:], on_progress=lambda pct, text: print(f"{pct:.0f} % {text}"),
                      on_log=lambda lv, m: print(lv, m), on_output=print)
     print(res)
 
