@@ -1,8 +1,10 @@
 """Write geoseg's vector results (GeoPackage or GeoParquet, with QGIS/SLD styles) to disk, atomically.
 
-Polygons are written **once**, at the end of a run, from one GeoDataFrame -- never appended chunk by
-chunk. Appending to a GeoPackage from several places means a crash leaves a file that looks complete
-but is not, and the spatial index and ``gpkg_contents`` extent are rebuilt on every append.
+:func:`write_vector` writes a GeoDataFrame in one go. A run's polygons are instead streamed
+(:mod:`geoseg.streaming`): one GDAL write session into a temporary file, its spatial index packed at
+the end (:mod:`geoseg.gpkg_rtree`), then the style below. Appending to a GeoPackage with separate
+GDAL sessions is what neither does: a crash leaves a file that looks complete but is not, and the
+spatial index goes through its triggers row by row.
 
 Every writer here produces its file under a temporary name *in the same directory* as the target
 and then calls :func:`os.replace`. The rename is atomic on POSIX and Windows when source and target
