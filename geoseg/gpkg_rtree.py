@@ -176,10 +176,10 @@ def build_rtree(path: Path | str, layer: str, progress: bool = False) -> int:
         con.execute("PRAGMA synchronous = OFF")
         con.execute("BEGIN")
         con.execute(statements[0])  # the virtual table: SQLite writes an empty root, node 1
-        node_size = con.execute(f"SELECT length(data) FROM {_quote(rtree + '_node')} WHERE nodeno = 1"
-                                ).fetchone()[0]
+        node = _quote(rtree + "_node")
+        node_size = con.execute(f"SELECT length(data) FROM {node} WHERE nodeno = 1").fetchone()[0]
         capacity = (node_size - 4) // _CELL.itemsize
-        put_node = f"INSERT INTO {_quote(rtree + '_node')} VALUES (?, ?)"
+        put_node = f"INSERT INTO {node} VALUES (?, ?)"
         put_rowid = f"INSERT INTO {_quote(rtree + '_rowid')} VALUES (?, ?)"
         put_parent = f"INSERT INTO {_quote(rtree + '_parent')} VALUES (?, ?)"
 
@@ -210,7 +210,6 @@ def build_rtree(path: Path | str, layer: str, progress: bool = False) -> int:
                     level_box.append(boxes)
                     indexed += len(fid)
         if next_node == 3:  # one leaf: it is the root (SQLite never makes a root with one child)
-            node = _quote(rtree + "_node")
             con.execute(f"UPDATE {node} SET data = (SELECT data FROM {node} WHERE nodeno = 2) WHERE nodeno = 1")
             con.execute(f"DELETE FROM {node} WHERE nodeno = 2")
             con.execute(f"UPDATE {_quote(rtree + '_rowid')} SET nodeno = 1")
@@ -220,7 +219,7 @@ def build_rtree(path: Path | str, layer: str, progress: bool = False) -> int:
             while len(ids) > capacity:  # pack the level above, until it fits in the root
                 ids, box = pack(ids, box, put_parent)
                 depth += 1
-            con.execute(f"UPDATE {_quote(rtree + '_node')} SET data = ? WHERE nodeno = 1",
+            con.execute(f"UPDATE {node} SET data = ? WHERE nodeno = 1",
                         (_nodes(ids, box, capacity, node_size, depth)[0],))
             con.executemany(put_parent, ((int(i), 1) for i in ids))
         for sql in statements[1:]:

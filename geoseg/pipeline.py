@@ -293,13 +293,13 @@ def _map_chunks(work: Callable[[Region], str], regions: Sequence[Region], worker
 
     def results() -> Iterator[str]:
         done = pool.map(work, regions)
-        for i in range(len(regions)):
+        for i, region in enumerate(regions):
             try:
                 yield next(done)
             except BrokenProcessPool as exc:  # a process killed by the OS: every unfinished chunk fails
                 raise ChunkFailedError(
                     f"a vectorize worker process died (killed by the OS, out of memory?) with chunk "
-                    f"{regions[i].name} unfinished ({i} of {len(regions)} chunks done); use fewer "
+                    f"{region.name} unfinished ({i} of {len(regions)} chunks done); use fewer "
                     f"--workers or a smaller chunk size"
                 ) from exc
 

@@ -323,7 +323,6 @@ class ChunkPieces:
             boxes.append(hb)
         return np.concatenate(owners), np.concatenate(boxes)
 
-
     def enclosure_links(self, seed: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
         """Pairs tying the pieces inside a small region that deferred pieces of one prompt enclose
         (touching each other only at corners, say) to those pieces: once they merge through
