@@ -24,9 +24,10 @@ from .atomic import write_json_atomic
 from .classes import class_map, exclusive, write_class_part, write_classes
 from .config import SegmentConfig, VectorizeConfig
 from .errors import ChunkFailedError
+from .gdalcopy import reports_progress
 from .model import SegmenterFactory, clipseg_factory
 from .pieces import chunk_components
-from .progress import progress_bar
+from .progress import percent_bar, progress_bar
 from .prompts import PromptPlan, build_plan, embeddings_sha256
 from .raster import RasterInfo, bounded_gdal_cache, inspect_raster, read_probabilities, write_cog, write_vrt
 from .rundir import (
@@ -232,7 +233,8 @@ def _embedding_record(plan: PromptPlan, embeddings: Any, seconds: float) -> dict
 
 def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: RasterInfo,
                            prompts: Sequence[str], progress: bool = False, dtype: str = "float32") -> Path:
-    """VRT of the chunk parts → COG with overviews (atomic), with a ticking progress line."""
+    """VRT of the chunk parts → COG with overviews (atomic), with GDAL's progress as a percent bar
+    (a ticking line with the MiB written where GDAL's callback is out of reach)."""
     vrt = run_dir / PROBABILITIES_VRT
     write_vrt(vrt, [(r, f"{PARTS}/{r.name}.tif") for r in regions], info, prompts, dtype)
     out = run_dir / PROBABILITIES
@@ -241,8 +243,12 @@ def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: Raste
     def written() -> int:
         return sum(p.stat().st_size for p in run_dir.glob(f".{stem}.tmp-*") if p.exists())
 
-    with bounded_gdal_cache(), ticking("probabilities COG", progress, written):
-        write_cog(vrt, out)
+    with bounded_gdal_cache(), contextlib.ExitStack() as stack:
+        if progress and reports_progress():
+            write_cog(vrt, out, stack.enter_context(percent_bar("probabilities COG")))
+        else:
+            stack.enter_context(ticking("probabilities COG", progress, written))
+            write_cog(vrt, out)
     vrt.unlink()
     return out
 

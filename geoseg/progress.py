@@ -17,9 +17,11 @@ library callers never see it unless they ask for :func:`progress_bar`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any, Self, TextIO
 
 MODES = ("bar", "jsonl")
@@ -78,6 +80,19 @@ def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=disable)
+
+
+@contextlib.contextmanager
+def percent_bar(desc: str, enabled: bool = True) -> Iterator[Callable[[float], None]]:
+    """A 0-100 % bar fed with fractions (GDAL's progress callback). It moves only when the whole
+    percent changes, so a JSON reader gets at most 101 events however often GDAL calls."""
+    with progress_bar(100, desc, "%", disable=not enabled) as bar:
+        def report(fraction: float) -> None:
+            percent = min(100, int(fraction * 100))
+            if percent > bar.n:
+                bar.update(percent - bar.n)
+
+        yield report
 
 
 class JsonlLogHandler(logging.Handler):

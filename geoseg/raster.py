@@ -11,14 +11,13 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
-import rasterio.shutil
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
@@ -37,6 +36,7 @@ from .errors import (
     UnsupportedDataError,
     first_line,
 )
+from .gdalcopy import create_copy
 from .tiling import Region
 
 log = logging.getLogger(__name__)
@@ -593,12 +593,17 @@ def write_vrt(path: Path, parts: Sequence[tuple[Region, str]], info: RasterInfo,
     path.write_text(xml)
 
 
-def write_cog(vrt: Path, dst: Path) -> None:
-    """Copy the VRT to a Cloud-Optimized GeoTIFF with overviews, atomically.
+#: Creation options of the probabilities COG.
+COG_OPTIONS = {"COMPRESS": "DEFLATE", "PREDICTOR": "YES", "BLOCKSIZE": "512", "OVERVIEW_RESAMPLING": "AVERAGE",
+               "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS"}
+
+
+def write_cog(vrt: Path, dst: Path, on_progress: Callable[[float], None] | None = None) -> None:
+    """Copy the VRT to a Cloud-Optimized GeoTIFF with overviews, atomically; ``on_progress(fraction)``
+    as GDAL reports it (see :mod:`geoseg.gdalcopy` for when it cannot).
 
     CreateCopy from the VRT streams block by block; the COG driver is never opened for writing
     (it would buffer the whole raster).
     """
     with atomic_target(dst) as tmp:
-        rasterio.shutil.copy(vrt, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES", BLOCKSIZE=512,
-                             OVERVIEW_RESAMPLING="AVERAGE", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
+        create_copy(vrt, tmp, "COG", COG_OPTIONS, on_progress)

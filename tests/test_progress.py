@@ -35,14 +35,21 @@ def test_segment_reports_every_chunk(tmp_path, inproc_client, perpixel, jsonl):
     cfg = geoseg.SegmentConfig(str(src), ("a", "b"), tmp_path / "out", chunk_size=512)
     res = geoseg.segment(cfg, client=inproc_client, segmenter_factory=perpixel, progress=True)
     all_events = [e for e in jsonl() if e["event"] == "progress"]
-    events = [e for e in all_events if e["stage"] != "spatial index"]
+    events = [e for e in all_events if e["unit"] == "chunk"]
+    assert all_events[:len(events)] == events  # the chunks come first
     total = res.chunks_run
     assert total == 4  # 700 x 900 in 512 px chunks
     assert [e["done"] for e in events] == list(range(total + 1))  # "0 of n" first, then one per chunk
     assert {e["total"] for e in events} == {total} and {e["unit"] for e in events} == {"chunk"}
     assert events[-1]["tiles"] == res.model_tiles
-    # after the chunks, the R-tree build counts the rows it indexed, up to every feature
-    index = all_events[len(events):]
+    # then the COG build reports GDAL's progress in whole percents, rising to 100
+    cog = [e for e in all_events if e["stage"] == "probabilities COG"]
+    assert all_events[len(events):len(events) + len(cog)] == cog
+    assert {(e["unit"], e["total"]) for e in cog} == {("%", 100)}
+    assert [e["done"] for e in cog] == sorted({e["done"] for e in cog}) and cog[0]["done"] == 0
+    assert cog[-1]["done"] == 100 and len(cog) >= 3
+    # after it, the R-tree build counts the rows it indexed, up to every feature
+    index = all_events[len(events) + len(cog):]
     assert [e["stage"] for e in index] == ["spatial index"] * len(index) and index[0]["done"] == 0
     assert index[-1]["done"] == index[-1]["total"] == res.features and res.features > 0
 

@@ -142,6 +142,9 @@ assert sys.argv[1:3] == ["--progress", "jsonl"], sys.argv
 for i in range(3):
     print(json.dumps({"event": "progress", "done": i, "total": 2}), flush=True)
 print(json.dumps({"event": "progress", "done": 0, "total": 0, "unit": "chunk"}), flush=True)
+for n in (0, 40, 100):
+    print(json.dumps({"event": "progress", "stage": "probabilities COG", "done": n, "total": 100, "unit": "%"}),
+          flush=True)
 for n in (0, 65536, 100000):
     print(json.dumps({"event": "progress", "stage": "spatial index", "done": n, "total": 100000, "unit": "row"}),
           flush=True)
@@ -155,9 +158,11 @@ print(json.dumps({"event": "result", "features": 7, "argv": sys.argv[3:]}), flus
                             on_log=lambda lv, m: seen["log"].append((lv, m)), on_output=seen["out"].append,
                             on_start=lambda pid, cmd: seen["start"].append(cmd))
     assert res["features"] == 7 and res["argv"] == ["segment", "x"]
-    # chunks fill 0..95 %, the spatial index (rows) the rest: the bar never runs backwards
+    # chunks fill 0..90 %, the COG to 95 %, the spatial index (rows) the rest: never backwards
     assert seen["progress"] == [
-        (0.0, "geoseg: chunk 0 of 2"), (47.5, "geoseg: chunk 1 of 2"), (95.0, "geoseg: chunk 2 of 2"),
+        (0.0, "geoseg: chunk 0 of 2"), (45.0, "geoseg: chunk 1 of 2"), (90.0, "geoseg: chunk 2 of 2"),
+        (90.0, "geoseg: probabilities COG, 0 %"), (92.0, "geoseg: probabilities COG, 40 %"),
+        (95.0, "geoseg: probabilities COG, 100 %"),
         (95.0, "geoseg: spatial index, 0 of 100,000 rows"),
         (95.0 + 5.0 * 0.65536, "geoseg: spatial index, 65,536 of 100,000 rows"),
         (100.0, "geoseg: spatial index, 100,000 of 100,000 rows")]
@@ -376,8 +381,8 @@ def test_cancel_stops_geoseg_and_its_workers(report):
     assert c["group_gone_after_s"] is not None and c["group_gone_after_s"] < runner.KILL_GRACE_S + 3.0
     assert c["manifest_status"] != "complete"
     assert len(c["parts"]) >= 1  # the finished chunk stays for the re-run
-    # progress streamed from geoseg's chunk events: the first chunk of 2 is 95 % / 2
-    assert next(p for p in c["progress"] if p > 0) == pytest.approx(47.5)
+    # progress streamed from geoseg's chunk events: the first chunk of 2 is 90 % / 2
+    assert next(p for p in c["progress"] if p > 0) == pytest.approx(45.0)
 
 
 @needs_qgis

@@ -203,22 +203,26 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-#: Share of the progress bar for the chunks; the steps geoseg reports after them (the spatial
-#: index, counted in rows) fill the rest, so the bar never runs backwards.
-CHUNK_SHARE = 95.0
+#: Where each stage geoseg reports fills the bar, keyed by its unit and in the order they run: the
+#: chunks, the probabilities COG (GDAL's percent), the spatial index (rows). The bar never runs
+#: backwards; a stage a command skips (vectorize writes no COG) leaves a jump.
+SHARES = {"chunk": (0.0, 90.0), "%": (90.0, 95.0), "row": (95.0, 100.0)}
 
 
 def progress_of(event: dict) -> tuple[float, str] | None:
-    """``(percent, text)`` for a geoseg progress event, or None when it has no total yet. Chunk
-    events fill 0..CHUNK_SHARE %; other stages (unit ``row``: the spatial index) the rest."""
+    """``(percent, text)`` for a geoseg progress event, or None when it has no total yet."""
     done, total = int(event.get("done", 0)), int(event.get("total", 0))
     if total <= 0:
         return None
     unit = str(event.get("unit", "chunk"))
+    start, end = SHARES.get(unit, SHARES["row"])
+    percent = start + (end - start) * done / total
     if unit == "chunk":
-        return CHUNK_SHARE * done / total, f"geoseg: chunk {done} of {total}"
+        return percent, f"geoseg: chunk {done} of {total}"
     stage = str(event.get("stage", "")).strip() or "finishing"
-    return CHUNK_SHARE + (100.0 - CHUNK_SHARE) * done / total, f"geoseg: {stage}, {done:,} of {total:,} {unit}s"
+    if unit == "%":
+        return percent, f"geoseg: {stage}, {done} %"
+    return percent, f"geoseg: {stage}, {done:,} of {total:,} {unit}s"
 
 
 def run_geoseg(executable: str, args: Sequence[str], *, env: dict[str, str] | None = None,
