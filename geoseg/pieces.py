@@ -546,8 +546,12 @@ def merge_groups(pieces: Pieces, group: np.ndarray) -> Pieces:
 
 
 def canonical_order(prompt: np.ndarray, bounds: np.ndarray, n_px: np.ndarray) -> np.ndarray:
-    """The canonical order of pieces: prompt, top, left, bottom, right, pixel count."""
-    return np.lexsort((n_px, bounds[:, 2], bounds[:, 3], bounds[:, 0], bounds[:, 1], prompt))
+    """The canonical order of pieces: top, left, bottom, right (pixel bounds), prompt, pixel count.
+
+    Rows first, so that the output can be streamed in this order a band of rows at a time (see
+    :mod:`geoseg.streaming`); unique, since two objects of one prompt cannot share bounds (4-connected
+    paths spanning one box cross), and the prompt tells other prompts' apart."""
+    return np.lexsort((n_px, prompt, bounds[:, 2], bounds[:, 3], bounds[:, 0], bounds[:, 1]))
 
 
 def canonical(pieces: Pieces, normalized: bool = False) -> Pieces:

@@ -100,8 +100,8 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
     default CLIPSeg from ``config.model``.
 
     Polygons stream: each chunk task finalizes the polygons no other chunk can change; the client
-    appends them to the output in chunk order as chunks finish, and merges and appends the others
-    after each row of chunks (:mod:`geoseg.streaming`). ``config.polygons=False`` writes
+    merges the others after each row of chunks and writes all rows in canonical order, a band at a
+    time, as soon as nothing still to come can precede them (:mod:`geoseg.streaming`). ``config.polygons=False`` writes
     probabilities only.
     """
     info = inspect_raster(config.input, config.bands, config.crs, config.resolution)

@@ -610,6 +610,9 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     ``context``: pixel-space neighbours of the pieces that are finalized elsewhere; with
     ``exclusive`` the pieces are noded against them too (see ``_node_coverage``).
 
+    The index is each row's position in ``pieces`` (rows keep the input order; filled-in islands and
+    polygons below ``min_area`` or simplified away leave gaps), so a caller can find a row's piece.
+
     Empty input gives an empty GeoDataFrame with the same columns and CRS.
     """
     import geopandas as gpd
@@ -637,6 +640,7 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     geoms = _apply_affine(_node_coverage(pieces.geometry, context) if exclusive else pieces.geometry, transform)
     prompt = pieces.prompt_index.copy()
     n_px, sum_p, max_p = pieces.n_px.copy(), pieces.sum_p.copy(), pieces.max_p.copy()
+    source = np.arange(len(pieces))
 
     if fill_holes > 0:
         geoms, changed = _fill_holes(geoms, measure, fill_holes)
@@ -647,18 +651,20 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
             sum_p = np.bincount(target, weights=sum_p, minlength=k)
             np.maximum.at(max_p, target, max_p.copy())
             keep = target == np.arange(k)
-            geoms, prompt = geoms[keep], prompt[keep]
+            geoms, prompt, source = geoms[keep], prompt[keep], source[keep]
             n_px, sum_p, max_p = n_px[keep], sum_p[keep], max_p[keep]
 
     if min_area > 0:
         area, _ = measure.area_perimeter(geoms)
         keep = area >= min_area
         geoms, prompt, n_px, sum_p, max_p = geoms[keep], prompt[keep], n_px[keep], sum_p[keep], max_p[keep]
+        source = source[keep]
 
     if simplify > 0 and len(geoms):
         geoms = _coverage_simplify(geoms, np.zeros_like(prompt) if exclusive else prompt, simplify)
         keep = ~shapely.is_empty(geoms)
         geoms, prompt, n_px, sum_p, max_p = geoms[keep], prompt[keep], n_px[keep], sum_p[keep], max_p[keep]
+        source = source[keep]
         geoms = shapely.orient_polygons(geoms, exterior_cw=False)
 
     if len(geoms) == 0:
@@ -686,8 +692,9 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
             "n_holes": n_holes,
             "compactness": compact,
         },
-        geometry=gpd.GeoSeries(geoms, crs=crs),
+        geometry=gpd.GeoSeries(geoms, crs=crs, index=source),
         crs=crs,
+        index=source,
     )
 
     if dst_crs is not None:

@@ -7,8 +7,8 @@ same canonical form and order :func:`geoseg.pieces.merge_seams` gives them, and 
 Arrow table (``parts/<chunk>.polygons.parquet``), 20,000 polygons at a time; only the deferred
 pieces (seam-touching, and those the rules below tie to them) are kept as pixel pieces
 (``parts/<chunk>.seam``). The client
-(:class:`PolygonOutput`) appends the chunks' tables to the output **in chunk order** as they become
-available, merges and appends the deferred pieces row of chunks by row of chunks, and packs the
+(:class:`PolygonOutput`) merges the deferred pieces row of chunks by row of chunks, writes the rows
+in canonical order as soon as nothing still to come can precede them (below), and packs the
 GeoPackage's spatial index once at the end, in bounded memory (:mod:`geoseg.gpkg_rtree`).
 
 Which rule keeps this exact
@@ -44,10 +44,16 @@ therefore holds about one row of seams, not every seam piece.
 
 Row order
 ---------
-Chunk by chunk in the plan's order (within a chunk, merge_seams' canonical order); after each row of
-chunks, the seam polygons that row closed, in canonical order. The file is therefore the same
-however often a run was interrupted; with another chunk size the same features come in another row
-order.
+Canonical (:func:`geoseg.pieces.canonical_order`: by each polygon's top pixel row, then its left
+column, ...), over the whole file: the file is the same whatever the chunk size and however often
+a run was interrupted. Each part (a chunk's final rows, and each batch of seam polygons, spilled
+to a temporary parquet file) is sorted and carries every row's key (:data:`KEY_COLUMNS`); the client
+merges them (:class:`_RowMerge`) and writes a band of rows once nothing still to come can precede
+it: chunks below the finished rows of chunks, and groups of seam pieces still open, start no higher
+than the *watermark* (:meth:`PolygonOutput._watermark`). It reads one row group
+(:data:`MERGE_ROWS`) per part of the current row of chunks and per seam spill, so its memory
+follows the raster's width, not its height or the object count. An object spanning the raster
+from top to bottom holds the watermark at its top: the rows then wait on disk, in their parts.
 
 Resume
 ------
@@ -97,6 +103,13 @@ log = logging.getLogger(__name__)
 
 #: Rows finalized and written at a time: bounds the memory of one chunk's final polygons.
 BATCH_ROWS = 20_000
+#: Rows a part holds per row group: what the client buffers per part while it merges (module docstring).
+MERGE_ROWS = 4096
+#: Columns of the parts with each row's canonical key (:func:`geoseg.pieces.canonical_order`): the
+#: client merges the parts by them and drops them before writing.
+KEY_COLUMNS = ("_top", "_left", "_bottom", "_right", "_prompt", "_pixels")
+#: Part layout version, in :meth:`VectorJob.key`: parts of an older layout are made again on resume.
+PART_LAYOUT = 2
 #: Suffixes of a chunk's vector parts in ``parts/``.
 FINAL_SUFFIX = ".polygons.parquet"
 SEAM_SUFFIX = ".seam"
@@ -163,7 +176,8 @@ class VectorJob:
 
     def key(self) -> str:
         """Hash of the options: a chunk part made with another key must be made again."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        options = {**asdict(self), "part_layout": PART_LAYOUT}
+        return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def crs_out(self) -> Any:
@@ -274,14 +288,37 @@ def _schema() -> Any:
     return pa.schema([pa.field(c, types[c]) for c in OUTPUT_COLUMNS] + [pa.field("geometry", pa.binary())])
 
 
+def with_key(table: Any, prompt: np.ndarray, bounds: np.ndarray, n_px: np.ndarray) -> Any:
+    """``table`` plus its rows' :data:`KEY_COLUMNS`, from their pieces' prompt, pixel bounds and count."""
+    import pyarrow as pa
+
+    values = (bounds[:, 1], bounds[:, 0], bounds[:, 3], bounds[:, 2], prompt, n_px)
+    for name, value in zip(KEY_COLUMNS, values, strict=True):
+        table = table.append_column(name, pa.array(np.asarray(value, np.int64)))
+    return table
+
+
+def keyed_rows(gdf: Any, pieces: Pieces, bounds: np.ndarray, job: VectorJob) -> Any:
+    """``gdf`` (finalized from ``pieces``, whose pixel ``bounds`` are given) as an Arrow table with
+    each row's key, found through the index ``finalize`` gives (the row's piece)."""
+    src = gdf.index.to_numpy()
+    return with_key(to_arrow(gdf, job.vector_format), pieces.prompt_index[src], bounds[src], pieces.n_px[src])
+
+
+def empty_rows(job: VectorJob) -> Any:
+    """A table with no rows and every column a part has."""
+    return keyed_rows(job.finalize(Pieces.empty()), Pieces.empty(), np.zeros((0, 4)), job)
+
+
 def finalized_tables(pieces: Pieces, job: VectorJob, context: np.ndarray | None = None) -> Iterator[Any]:
     """``job.finalize`` over ``pieces`` in slices of :data:`BATCH_ROWS` (per-polygon options only,
-    where slicing cannot change a row), as Arrow tables; all at once otherwise."""
+    where slicing cannot change a row), as keyed Arrow tables; all at once otherwise."""
     step = BATCH_ROWS if job.per_polygon else max(len(pieces), 1)
     for start in range(0, max(len(pieces), 1), step):
-        gdf = job.finalize(_take(pieces, slice(start, start + step)), context)
+        part = _take(pieces, slice(start, start + step))
+        gdf = job.finalize(part, context)
         if len(gdf):
-            yield to_arrow(gdf, job.vector_format)
+            yield keyed_rows(gdf, part, shapely.bounds(part.geometry).reshape(-1, 4), job)
 
 
 class ChunkPieces:
@@ -437,16 +474,17 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
             if len(ti):  # the batch's neighbours outside it, for noding
                 near = np.setdiff1d(tj[np.isin(ti, ids)], ids)
                 around = cp.pieces(near).geometry
-            gdf = job.finalize(cp.pieces(ids), around)  # canonical: normalized polygons in canonical order
+            pieces = cp.pieces(ids)
+            gdf = job.finalize(pieces, around)  # canonical: normalized polygons in canonical order
             if len(gdf) == 0:
                 continue
-            table = to_arrow(gdf, job.vector_format)
+            table = keyed_rows(gdf, pieces, cp.bounds[ids], job)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
+            writer.write_table(table, row_group_size=MERGE_ROWS)
             rows += table.num_rows
         if writer is None:
-            pq.write_table(to_arrow(job.finalize(Pieces.empty()), job.vector_format), tmp)
+            pq.write_table(empty_rows(job), tmp)
         else:
             writer.close()
     return rows
@@ -578,7 +616,7 @@ SeamSource = Callable[[], tuple[Pieces, Pieces, np.ndarray, np.ndarray]]
 
 
 def part_tables(path: Path) -> TableSource:
-    """A chunk part's final rows, one row group at a time (bounded memory)."""
+    """A part's rows, one row group (:data:`MERGE_ROWS`) at a time (bounded memory)."""
     def read() -> Iterator[Any]:
         import pyarrow.parquet as pq
 
@@ -605,10 +643,93 @@ def part_seams(path: Path) -> SeamSource:
     return read
 
 
+class _SortedRows:
+    """Rows sorted by :data:`KEY_COLUMNS` from a table source, buffered a table at a time.
+
+    ``low``: no row has a smaller ``_top`` (the source is not opened before rows that high are
+    wanted). ``cleanup`` runs once the source is used up (a spill file deletes itself)."""
+
+    def __init__(self, source: TableSource, low: float, cleanup: Callable[[], None] | None = None):
+        self._source = source
+        self._tables: Iterator[Any] | None = None
+        self.low = low
+        self.buf: Any = None
+        self.done = False
+        self._cleanup = cleanup
+
+    def fill(self) -> None:
+        """Append the source's next table to the buffer (or mark the source used up)."""
+        import pyarrow as pa
+
+        if self._tables is None:
+            self._tables = iter(self._source())
+        table = next(self._tables, None)
+        if table is None:
+            self.done = True
+            if self._cleanup is not None:
+                self._cleanup()
+            return
+        self.buf = table if self.buf is None else pa.concat_tables([self.buf, table])
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.buf is None else self.buf.num_rows
+
+    @property
+    def last_top(self) -> float:
+        """The top of the last buffered row: every row still unread lies at or below it."""
+        return math.inf if self.done else float(self.buf["_top"][-1].as_py())
+
+    def pop_below(self, top: float) -> Any:
+        """The buffered rows whose ``_top`` is above ``top``, removed from the buffer."""
+        n = int(np.searchsorted(self.buf["_top"].to_numpy(), top, side="left"))
+        out, self.buf = self.buf.slice(0, n), self.buf.slice(n)
+        if self.buf.num_rows:
+            self.low = float(self.buf["_top"][0].as_py())
+        return out
+
+
+class _RowMerge:
+    """Sorted sources merged into one stream in key order, emitted up to a given top."""
+
+    def __init__(self, write: Callable[[Any], None]):
+        self._write = write
+        self._sources: list[_SortedRows] = []
+
+    def add(self, source: _SortedRows) -> None:
+        self._sources.append(source)
+
+    def emit_above(self, limit: float) -> None:
+        """Write, in key order, every row whose ``_top`` is above ``limit`` (the caller knows no
+        row still to come lies above it). Holds about one table per source that reaches above it."""
+        import pyarrow as pa
+
+        while True:
+            live = [c for c in self._sources if c.low < limit]
+            for c in live:
+                if c.rows == 0 and not c.done:
+                    c.fill()
+            live = [c for c in live if c.rows]
+            self._sources = [c for c in self._sources if c.rows or not c.done]
+            if not live:
+                return
+            bound = min([limit] + [c.last_top for c in live])
+            taken = [t for t in (c.pop_below(bound) for c in live) if t.num_rows]
+            if taken:
+                rows = pa.concat_tables(taken).sort_by([(k, "ascending") for k in KEY_COLUMNS])
+                self._write(rows.drop_columns(list(KEY_COLUMNS)))
+            elif bound >= limit:
+                return
+            else:  # every buffered row lies at ``bound``: read further where the buffer ends there
+                for c in live:
+                    if c.last_top == bound:
+                        c.fill()
+
+
 class PolygonOutput:
-    """The output being built: chunk tables appended in chunk order as they become available, the
-    deferred pieces merged and appended after each row of chunks, then the spatial index and the
-    default style; renamed into place only when complete.
+    """The output being built: each chunk's rows and the seam polygons merged by each row of chunks,
+    merged into canonical order and written a band of rows at a time once nothing still to come can
+    precede them; then the spatial index and the default style. Renamed into place only when complete.
 
     Use as a context manager; call :meth:`add` once per chunk (any order) and :meth:`finish`.
     """
@@ -627,6 +748,10 @@ class PolygonOutput:
         self._pool_chunk = np.zeros(0, np.int64)
         self._links = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # pool pieces finalized together
         self._context = Pieces.empty()  # class maps: neighbours the pool's pieces are noded against
+        self._merge = _RowMerge(self._write)
+        self._bands = sorted({r.row_stop for r in self.regions})  # where the rows of chunks end
+        self._written_to: float = 0  # every row above this top is written
+        self._spills = 0
         #: The most deferred pieces held at once (what the client's memory follows; tests, benchmarks).
         self.peak_pool = 0
 
@@ -644,15 +769,19 @@ class PolygonOutput:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._writer.close(abort=True)
+        for k in range(self._spills):
+            self._spill_path(k).unlink(missing_ok=True)
         self._target.__exit__(exc_type, exc, tb)
 
     def add(self, name: str, tables: TableSource, seams: SeamSource) -> None:
-        """Chunk ``name`` is finished: append it, and any chunks after it that were waiting; after
-        the last chunk of a row of chunks, append the deferred pieces that row closed."""
+        """Chunk ``name`` is finished: take it, and any chunks after it that were waiting, in chunk
+        order; after the last chunk of a row of chunks, merge the seams that row closed and write
+        the rows nothing still to come can precede."""
         self._ready[name] = (tables, seams)
         while self._next < len(self._order) and self._order[self._next] in self._ready:
             tables, seams = self._ready.pop(self._order[self._next])
-            self._write(tables())
+            region = self.regions[self._next]
+            self._merge.add(_SortedRows(tables, region.row))
             deferred, context, link_u, link_v = seams()
             n = len(self._pool)
             self._links = (np.r_[self._links[0], link_u + n], np.r_[self._links[1], link_v + n])
@@ -660,15 +789,46 @@ class PolygonOutput:
             self._context = Pieces.concat([self._context, context])
             self._pool_chunk = np.r_[self._pool_chunk, np.full(len(deferred), self._next, np.int64)]
             self.peak_pool = max(self.peak_pool, len(self._pool))
-            region = self.regions[self._next]
             self._next += 1
             if self._next < len(self.regions) and self.regions[self._next].row != region.row:
                 self._close(frontier=region.row_stop)  # a row of chunks is complete
+                self._emit(self._watermark(region.row_stop))
 
-    def _write(self, tables: Iterable[Any]) -> None:
+    def _write(self, table: Any) -> None:
+        self._writer.write(table)
+        self.features += table.num_rows
+
+    def _spill_path(self, k: int) -> Path:
+        return self._tmp.with_name(f"{self._tmp.name}.seams-{k}.parquet")  # matched by remove_stale_temps
+
+    def _spill(self, tables: Iterable[Any]) -> None:
+        """Seam rows (sorted) to a temporary parquet file, merged from there like a chunk's part."""
+        import pyarrow.parquet as pq
+
+        path, writer, low = self._spill_path(self._spills), None, math.inf
         for table in tables:
-            self._writer.write(table)
-            self.features += table.num_rows
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+                low = float(table["_top"][0].as_py())
+            writer.write_table(table, row_group_size=MERGE_ROWS)
+        if writer is not None:
+            writer.close()
+            self._spills += 1
+            self._merge.add(_SortedRows(part_tables(path), low, cleanup=lambda: path.unlink(missing_ok=True)))
+
+    def _watermark(self, frontier: int) -> float:
+        """No row still to come lies above this top: the chunks below ``frontier`` start there, and
+        an open seam group's polygon starts no higher than its highest piece."""
+        if len(self._pool) == 0:
+            return frontier
+        return min(frontier, float(shapely.bounds(self._pool.geometry)[:, 1].min()))
+
+    def _emit(self, limit: float) -> None:
+        """Write every row above ``limit``, a row of chunks at a time (the merge then holds one
+        table per chunk of one row, plus the seam spills)."""
+        for stop in [b for b in self._bands if self._written_to < b < limit] + [limit]:
+            self._merge.emit_above(stop)
+        self._written_to = max(self._written_to, limit)
 
     def _close(self, frontier: int) -> None:
         """Merge the pool's seams and finalize and append every merged polygon that nothing below
@@ -691,7 +851,7 @@ class PolygonOutput:
                          np.r_[hu, group[self._links[0]]], np.r_[hv, group[self._links[1]]])
         if not kept.all():
             context = np.concatenate([merged.geometry[kept], self._context.geometry]) if self.job.exclusive else None
-            self._write(finalized_tables(canonical(_take(merged, ~kept)), self.job, context))
+            self._spill(finalized_tables(canonical(_take(merged, ~kept)), self.job, context))
         if self.job.exclusive:  # keep as context what an open piece touches
             known = Pieces.concat([self._context, _take(merged, ~kept)])
             near = np.zeros(len(known), bool)
@@ -713,6 +873,7 @@ class PolygonOutput:
             raise RuntimeError(f"internal error: chunk {missing} was never added to the polygon output")
         with ticking("seam polygons", self.progress):
             self._close(frontier=self.job.height)
+            self._emit(math.inf)
         self._writer.close()
         if self.job.vector_format == "gpkg":
             from .export import _write_layer_styles

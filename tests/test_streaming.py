@@ -5,6 +5,7 @@ come in a deterministic order; the client holds about one row of seams at a time
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import geopandas as gpd
@@ -18,9 +19,12 @@ from geoseg.classes import class_map, exclusive
 from geoseg.pieces import Pieces, chunk_components, merge_seams
 from geoseg.streaming import (
     FINAL_SUFFIX,
+    KEY_COLUMNS,
     SEAM_SUFFIX,
     PolygonOutput,
     VectorJob,
+    _RowMerge,
+    _SortedRows,
     part_seams,
     part_tables,
     write_chunk_polygons,
@@ -102,15 +106,20 @@ def all_at_once(probs, chunk: int, job: VectorJob) -> gpd.GeoDataFrame:
     return job.finalize(merged)
 
 
-def canonical(gdf) -> pd.DataFrame:
-    """Features as a sorted table: attributes + normalized WKB (a one-part MultiPolygon, as the
-    GeoPackage stores every row, compares equal to its Polygon)."""
+def as_rows(gdf) -> pd.DataFrame:
+    """Features as a table in their order: attributes + normalized WKB (a one-part MultiPolygon, as
+    the GeoPackage stores every row, compares equal to its Polygon)."""
     geoms = np.asarray(gdf.geometry.values, dtype=object).copy()
     one = shapely.get_num_geometries(geoms) == 1
     geoms[one] = shapely.get_geometry(geoms[one], 0)
-    df = pd.DataFrame(gdf.drop(columns="geometry")).astype({"prompt": object})
+    df = pd.DataFrame(gdf.drop(columns="geometry")).astype({"prompt": object}).reset_index(drop=True)
     df["wkb"] = shapely.to_wkb(shapely.normalize(geoms))
-    return df.sort_values(["prompt_index", "wkb"]).reset_index(drop=True)
+    return df
+
+
+def canonical(gdf) -> pd.DataFrame:
+    """Features as a sorted table (the same features, whatever their order)."""
+    return as_rows(gdf).sort_values(["prompt_index", "wkb"]).reset_index(drop=True)
 
 
 def job(**kw) -> VectorJob:
@@ -142,11 +151,14 @@ def test_streamed_file_has_the_all_at_once_features_for_any_chunk_size(tmp_path,
     j = job(vector_format=fmt, **OPTIONS[options])
     if j.exclusive:
         probs = CLASSES
-    reference = canonical(all_at_once(probs, SIZE, j))  # one chunk: nothing to merge
+    whole = as_rows(all_at_once(probs, SIZE, j))  # one chunk: nothing to merge
+    reference = canonical(all_at_once(probs, SIZE, j))
     seam_crossing = 0
     for chunk in (64, 100, SIZE):
         got = streamed(tmp_path / f"c{chunk}", probs, chunk, j)
-        # exact: every value comes from the same functions on the same inputs (no tolerance)
+        # exact: every value comes from the same functions on the same inputs (no tolerance), and
+        # the rows come in the same (canonical) order whatever the chunk size
+        pd.testing.assert_frame_equal(as_rows(got), whole, check_exact=True, check_dtype=False)
         pd.testing.assert_frame_equal(canonical(got), reference, check_exact=True, check_dtype=False)
         pd.testing.assert_frame_equal(canonical(all_at_once(probs, chunk, j)), reference, check_exact=True,
                                       check_dtype=False)
@@ -158,7 +170,7 @@ def test_streamed_file_has_the_all_at_once_features_for_any_chunk_size(tmp_path,
     assert seam_crossing > 100  # the case really has many seam pieces
 
 
-def test_rows_come_in_chunk_order_whatever_order_chunks_finish(tmp_path, probs):
+def test_rows_come_in_canonical_order_whatever_order_chunks_finish(tmp_path, probs):
     j = job()
     forward = streamed(tmp_path / "f", probs, 64, j)
     backward = streamed(tmp_path / "b", probs, 64, j, order=lambda rs: rs[::-1])
@@ -167,13 +179,14 @@ def test_rows_come_in_chunk_order_whatever_order_chunks_finish(tmp_path, probs):
         assert list(other.geometry.to_wkb()) == list(forward.geometry.to_wkb())
         pd.testing.assert_frame_equal(other.drop(columns="geometry"), forward.drop(columns="geometry"),
                                       check_exact=True)
-    # the first rows are the first (top-left) chunk's own polygons: none reaches its seams (right,
-    # bottom); the raster's edges (left, top) are no seams
-    first = regions_of(64)[0]
-    x0, y0 = TRANSFORM @ (first.col, first.row)
-    x1, y1 = TRANSFORM @ (first.col_stop, first.row_stop)
-    b = forward.geometry.iloc[:20].bounds
-    assert (b.minx >= x0).all() and (b.maxx < x1).all() and (b.miny > y1).all() and (b.maxy <= y0).all()
+    # canonical order: by the top row of each polygon (its north edge), then its west edge; the
+    # first rows start on the raster's first row, west to east, across several chunks
+    b = forward.geometry.bounds
+    key = np.stack([-b.maxy.to_numpy(), b.minx.to_numpy()], axis=1)
+    assert all(tuple(key[i]) <= tuple(key[i + 1]) for i in range(len(key) - 1))
+    first = b.iloc[:20]
+    assert (first.maxy == TRANSFORM.f).all() and first.minx.is_monotonic_increasing
+    assert first.minx.iloc[-1] > TRANSFORM.c + 64 * TRANSFORM.a  # beyond the first 64-px chunk
 
 
 def test_empty_result_is_a_valid_layer_with_schema_and_crs(tmp_path):
@@ -293,3 +306,49 @@ def test_holes_closed_at_corners_across_seams_fill_exactly(tmp_path):
     for chunk in (64, 120):
         got = streamed(tmp_path / f"c{chunk}", data, chunk, j)
         pd.testing.assert_frame_equal(canonical(got), reference, check_exact=True, check_dtype=False)
+
+
+def _sorted_tables(rng, n: int, sizes: list[int]) -> tuple[list, pd.DataFrame]:
+    """``n`` keyed rows sorted by key, cut into tables of ``sizes`` rows (tops repeat a lot)."""
+    import pyarrow as pa
+
+    key = {k: rng.integers(0, 6 if k == "_top" else 3, n) for k in KEY_COLUMNS}
+    df = pd.DataFrame(key).sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
+    df["row"] = rng.permutation(n)  # a payload that tells rows apart
+    df = df[["row", *KEY_COLUMNS]]
+    cuts = np.cumsum([0, *sizes])
+    return [pa.Table.from_pandas(df.iloc[a:b], preserve_index=False) for a, b in zip(cuts[:-1], cuts[1:])], df
+
+
+def test_row_merge_emits_in_key_order_up_to_each_limit():
+    """The client's merge: sorted sources (tops repeating across table boundaries, so it must read
+    on before it can cut) come out as one sorted stream, and only the rows above each limit."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    written: list = []
+    merge = _RowMerge(written.append)
+    frames, opened = [], []
+    for i, sizes in enumerate(([1, 1, 1, 9], [4, 4, 4], [20], [2] * 7)):
+        tables, df = _sorted_tables(rng, sum(sizes), sizes)
+        frames.append(df.assign(row=df.row + 100 * i))
+        tables = [t.set_column(0, "row", pa.compute.add(t["row"], 100 * i)) for t in tables]
+        low = float(df["_top"].min())
+
+        def source(tables=tables, i=i):
+            opened.append(i)
+            return iter(tables)
+        merge.add(_SortedRows(source, low))
+    merge.add(_SortedRows(lambda: opened.append("late") or iter([]), low=5))  # no row above 5: not opened yet
+    everything = pd.concat(frames).sort_values(list(KEY_COLUMNS), kind="stable")
+    for limit in (0, 2, 2, 5, math.inf):
+        merge.emit_above(limit)
+        out = pd.concat([t.to_pandas() for t in written]) if written else pd.DataFrame({"row": []})
+        expected = everything[everything["_top"] < limit]
+        assert sorted(out["row"]) == sorted(expected["row"])  # exactly the rows above the limit
+        got_keys = everything.set_index("row").loc[out["row"], list(KEY_COLUMNS)].to_numpy()
+        assert (np.diff(got_keys.astype(np.int64) @ (10 ** np.arange(len(KEY_COLUMNS)))[::-1]) >= 0).all()
+        if limit == 2:
+            assert "late" not in opened
+    assert len(out) == len(everything) and "late" in opened
+    assert all(list(t.column_names) == ["row"] for t in written)  # the key columns are dropped
