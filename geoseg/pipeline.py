@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +59,7 @@ from .streaming import (
     ticking,
     write_chunk_polygons,
 )
-from .tiling import Region
+from .tiling import Region, chunk_regions
 
 log = logging.getLogger(__name__)
 
@@ -315,16 +316,34 @@ def _map_chunks(work: Callable[[Region], str], regions: Sequence[Region], worker
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: The smallest chunk :func:`vectorize_regions` cuts to: two COG blocks (512 px), so seams stay few.
+MIN_VECTORIZE_CHUNK = 1024
+
+
+def vectorize_regions(regions: Sequence[Region], height: int, width: int, workers: int) -> list[Region]:
+    """The run's chunks, halved (in multiples of 512 px, down to :data:`MIN_VECTORIZE_CHUNK`) while
+    there are fewer than ``workers``, so every worker process has a chunk: a 4096² run of one
+    chunk is polygonized as four on a 4-core laptop. The rows come in canonical order whatever the
+    grid, so the file does not change."""
+    regions = list(regions)
+    chunk_h, chunk_w = max(r.height for r in regions), max(r.width for r in regions)
+    while len(regions) < workers and max(chunk_h, chunk_w) > MIN_VECTORIZE_CHUNK:
+        chunk_h, chunk_w = (max(MIN_VECTORIZE_CHUNK, math.ceil(c / 1024) * 512) for c in (chunk_h, chunk_w))
+        regions = chunk_regions(height, width, chunk_h, chunk_w)
+    return regions
+
+
 def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = False,
               workers: int | None = 1) -> tuple[Path, int]:
     """Re-threshold and re-vectorize a finished run from its probability COG; no model run.
 
-    Chunks are polygonized on the run's own chunk grid by ``workers`` processes (``None``: one per
-    CPU this process may use; memory about one chunk each; more than one needs the calling script
-    to guard its top level with ``if __name__ == "__main__":``, as ``spawn`` re-imports it),
-    through the same chunk stage as ``segment``, into a temporary parts folder, and streamed into
-    the output exactly as ``segment`` does (same rules, same row order), so the result equals a
-    fresh ``segment`` run at the new threshold.
+    Chunks are polygonized by ``workers`` processes (``None``: one per CPU this process may use;
+    memory about one chunk each; more than one needs the calling script to guard its top level with
+    ``if __name__ == "__main__":``, as ``spawn`` re-imports it) on the run's own chunk grid, cut
+    finer where it has fewer chunks than workers (:func:`vectorize_regions`; a class map keeps the
+    run's grid, whose class parts it rewrites), through the same chunk stage as ``segment``, into a
+    temporary parts folder, and streamed into the output exactly as ``segment`` does (same rules,
+    same canonical row order), so the result equals a fresh ``segment`` run at the new threshold.
     """
     import shutil
     import tempfile
@@ -344,7 +363,10 @@ def vectorize(run_dir: Path | str, vector: VectorizeConfig, progress: bool = Fal
         vjob = vector_job(vector, prompts, src.transform, src.crs.to_wkt() if src.crs else None,
                           src.height, src.width, exclusive=classes)
         grid = _GridInfo(src)
-    n_workers = min(workers or len(os.sched_getaffinity(0)), len(regions))
+    n_workers = workers or len(os.sched_getaffinity(0))
+    if not classes:
+        regions = vectorize_regions(regions, vjob.height, vjob.width, n_workers)
+    n_workers = min(n_workers, len(regions))
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".vectorize-") as tmp, \
             PolygonOutput(path, regions, vjob, progress) as out:
         parts = Path(tmp)
