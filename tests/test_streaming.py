@@ -352,3 +352,18 @@ def test_row_merge_emits_in_key_order_up_to_each_limit():
             assert "late" not in opened
     assert len(out) == len(everything) and "late" in opened
     assert all(list(t.column_names) == ["row"] for t in written)  # the key columns are dropped
+
+
+def test_an_object_spanning_every_row_of_chunks_holds_rows_back_but_not_their_order(tmp_path, probs):
+    """A stripe from the top edge to the bottom one stays an open seam group until the last row of
+    chunks: the rows below its top wait in their parts, then come out in canonical order; the seam
+    spills are removed afterwards."""
+    probs = probs.copy()
+    probs[0, :, 117:120] = 0.9  # one object of prompt "a", top 0, through all four rows of 64-px chunks
+    j = job()
+    got = streamed(tmp_path / "s", probs, 64, j)
+    pd.testing.assert_frame_equal(as_rows(got), as_rows(all_at_once(probs, SIZE, j)), check_exact=True,
+                                  check_dtype=False)
+    tall = got[(got.prompt == "a") & (got.geometry.bounds.maxy - got.geometry.bounds.miny == SIZE * 0.5)]
+    assert len(tall) == 1
+    assert not [p for p in (tmp_path / "s").iterdir() if ".seams-" in p.name]
