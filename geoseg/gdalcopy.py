@@ -6,10 +6,13 @@ calls the same C function, with a progress function, in **the same libgdal that 
 the library is looked up with ``RTLD_NOLOAD``, which only ever returns a library already in the
 process, and it must see a config option set through ``rasterio.Env`` (pyogrio may have loaded a
 second, bundled libgdal; that one would not). So ``rasterio.Env`` options (the capped block cache)
-and rasterio's error handler apply unchanged.
+apply unchanged. During the copy a quiet error handler is pushed on the calling thread, so GDAL's
+reason ends up in the one error line instead of also on stderr; errors of the COG driver's
+compression threads still reach rasterio's handler (GDAL's handler stack is per thread).
 
 Where that library cannot be found (Windows, or a GDAL linked statically), :func:`create_copy`
 falls back to ``rasterio.shutil.copy`` and reports no fractions; callers then show a ticking line.
+Both are strict copies (``bStrict``, as rasterio's default).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .errors import GeosegError
 
 _PROGRESS = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_double, ctypes.c_char_p, ctypes.c_void_p)
 _PROBE = f"rasterio-{os.getpid()}"
+_CE_FAILURE = 3
 _GDAL_OF_RASTER_VERBOSE = 0x02 | 0x40  # GDAL_OF_RASTER | GDAL_OF_VERBOSE_ERROR (read-only is 0)
 
 
@@ -80,8 +84,9 @@ def _libgdal() -> ctypes.CDLL | None:
         lib.GDALClose.argtypes = [ctypes.c_void_p]
         lib.GDALVersionInfo.restype = ctypes.c_char_p
         lib.GDALVersionInfo.argtypes = [ctypes.c_char_p]
-        if int(lib.GDALVersionInfo(b"VERSION_NUM")) >= 3070000:  # void before 3.7
-            lib.GDALClose.restype = ctypes.c_int  # CPLErr; CE_Failure (3) when the flush failed
+        # CPLErr since GDAL 3.7 (CE_Failure when the flush failed); void before: the error state tells
+        lib.GDALClose.restype = ctypes.c_int if int(lib.GDALVersionInfo(b"VERSION_NUM")) >= 3070000 else None
+        lib.CPLGetLastErrorType.restype = ctypes.c_int
         lib.CPLGetLastErrorMsg.restype = ctypes.c_char_p
         lib.CPLErrorReset.argtypes = []
         lib.CPLPushErrorHandler.argtypes = [ctypes.c_void_p]
@@ -97,7 +102,8 @@ def reports_progress() -> bool:
 
 def create_copy(src: Path, dst: Path, driver: str, options: Mapping[str, str],
                 on_progress: Callable[[float], None] | None = None) -> None:
-    """``GDALCreateCopy(driver, dst, src, options)``; ``on_progress(fraction)`` as GDAL reports it.
+    """``GDALCreateCopy(driver, dst, src, strict, options)``; ``on_progress(fraction)`` as GDAL
+    reports it.
 
     An exception raised in ``on_progress`` (Ctrl-C arrives there too: it is Python code running
     during the copy) cancels the copy through GDAL's own mechanism, and is re-raised here once GDAL
@@ -105,10 +111,10 @@ def create_copy(src: Path, dst: Path, driver: str, options: Mapping[str, str],
     partial file (it writes to a temp name, see ``atomic_target``).
     """
     lib = _libgdal()
-    if lib is None or on_progress is None:
-        rasterio.shutil.copy(src, dst, driver=driver, **options)
+    if lib is None:
+        rasterio.shutil.copy(src, dst, driver=driver, strict=True, **options)
         return
-    notify = on_progress  # bound once: the closure below must not see an Optional
+    notify = on_progress or (lambda fraction: None)
     pending: list[BaseException] = []
 
     def report(fraction: float, _message: bytes | None, _data: int | None) -> int:
@@ -125,19 +131,25 @@ def create_copy(src: Path, dst: Path, driver: str, options: Mapping[str, str],
     lib.CPLPushErrorHandler(ctypes.cast(lib.CPLQuietErrorHandler, ctypes.c_void_p))
     lib.CPLErrorReset()
     try:
+        handle = lib.GDALGetDriverByName(driver.encode())
+        if not handle:
+            raise CopyError(f"{dst}: this GDAL has no {driver} driver")
         source = lib.GDALOpenEx(os.fsencode(src), _GDAL_OF_RASTER_VERBOSE, None, None, None)
         if not source:
             raise CopyError(f"{src}: GDAL cannot open it: {lib.CPLGetLastErrorMsg().decode(errors='replace')}")
         try:
-            out = lib.GDALCreateCopy(lib.GDALGetDriverByName(driver.encode()), os.fsencode(dst), source, 0,
-                                     opts, callback, None)
-            closed = (lib.GDALClose(out) or 0) if out else 3  # closing flushes: it can fail (disk full)
+            out = lib.GDALCreateCopy(handle, os.fsencode(dst), source, 1, opts, callback, None)
+            failed = not out
+            if out:  # closing flushes, which can fail too (disk full)
+                lib.CPLErrorReset()
+                failed = (lib.GDALClose(out) or 0) >= _CE_FAILURE or lib.CPLGetLastErrorType() >= _CE_FAILURE
             reason = lib.CPLGetLastErrorMsg().decode(errors="replace")
         finally:
             lib.GDALClose(source)
     finally:
+        lib.CPLErrorReset()
         lib.CPLPopErrorHandler()
     if pending:
         raise pending[0]
-    if closed >= 3:
+    if failed:
         raise CopyError(f"{dst}: GDAL failed to write the {driver} copy: {reason or 'no reason given'}")

@@ -576,7 +576,7 @@ def _empty_frame(crs: Any):
 def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str],
              thresholds: Sequence[float], *, min_area: float = 0, fill_holes: float = 0,
              simplify: float = 0, dst_crs: Any = None, exclusive: bool = False,
-             context: np.ndarray | None = None):
+             context: np.ndarray | None = None, source_index: bool = False):
     """Turn merged pixel-space pieces into a map-ready ``GeoDataFrame``.
 
     Steps, all after :func:`merge_seams` so that no chunk-border artefact can influence them:
@@ -610,8 +610,9 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     ``context``: pixel-space neighbours of the pieces that are finalized elsewhere; with
     ``exclusive`` the pieces are noded against them too (see ``_node_coverage``).
 
-    The index is each row's position in ``pieces`` (rows keep the input order; filled-in islands and
-    polygons below ``min_area`` or simplified away leave gaps), so a caller can find a row's piece.
+    Rows keep the input order. ``source_index``: the index is each row's position in ``pieces``
+    (filled-in islands and polygons below ``min_area`` or simplified away leave gaps), so a caller
+    can find a row's piece; otherwise 0..n-1.
 
     Empty input gives an empty GeoDataFrame with the same columns and CRS.
     """
@@ -696,6 +697,8 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
         crs=crs,
         index=source,
     )
+    if not source_index:
+        gdf = gdf.reset_index(drop=True)
 
     if dst_crs is not None:
         gdf = _reproject(gdf, transform, dst_crs)

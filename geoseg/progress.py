@@ -83,10 +83,10 @@ def progress_bar(total: int, desc: str, unit: str, disable: bool = False) -> Any
 
 
 @contextlib.contextmanager
-def percent_bar(desc: str, enabled: bool = True) -> Iterator[Callable[[float], None]]:
+def percent_bar(desc: str) -> Iterator[Callable[[float], None]]:
     """A 0-100 % bar fed with fractions (GDAL's progress callback). It moves only when the whole
     percent changes, so a JSON reader gets at most 101 events however often GDAL calls."""
-    with progress_bar(100, desc, "%", disable=not enabled) as bar:
+    with progress_bar(100, desc, "%") as bar:
         def report(fraction: float) -> None:
             percent = min(100, int(fraction * 100))
             if percent > bar.n:

@@ -50,7 +50,7 @@ a run was interrupted. Each part (a chunk's final rows, and each batch of seam p
 to a temporary parquet file) is sorted and carries every row's key (:data:`KEY_COLUMNS`); the client
 merges them (:class:`_RowMerge`) and writes a band of rows once nothing still to come can precede
 it: chunks below the finished rows of chunks, and groups of seam pieces still open, start no higher
-than the *watermark* (:meth:`PolygonOutput._watermark`). It reads one row group
+than the *watermark* (what :meth:`PolygonOutput._close` returns). It reads one row group
 (:data:`MERGE_ROWS`) per part of the current row of chunks and per seam spill, so its memory
 follows the raster's width, not its height or the object count. An object spanning the raster
 from top to bottom holds the watermark at its top: the rows then wait on disk, in their parts.
@@ -185,11 +185,12 @@ class VectorJob:
         return self.dst_crs if self.dst_crs is not None else self.crs
 
     def finalize(self, pieces: Pieces, context: np.ndarray | None = None):
+        """:func:`geoseg.polygons.finalize` with these options; rows indexed by their piece."""
         from affine import Affine
 
         return finalize(pieces, Affine(*self.transform), self.crs, self.prompts, self.thresholds,
                         min_area=self.min_area, fill_holes=self.fill_holes, simplify=self.simplify,
-                        dst_crs=self.dst_crs, exclusive=self.exclusive, context=context)
+                        dst_crs=self.dst_crs, exclusive=self.exclusive, context=context, source_index=True)
 
 
 def near_seam(bounds: np.ndarray, region: Region, height: int, width: int, reach: int = 0) -> np.ndarray:
@@ -556,7 +557,8 @@ class _GpkgStream:
 
 
 class _ParquetStream:
-    """GeoParquet, one row group per batch (``pyarrow.parquet.ParquetWriter``)."""
+    """GeoParquet (``pyarrow.parquet.ParquetWriter``), in row groups of :data:`BATCH_ROWS`: the
+    merge hands over smaller tables, which would make a file of many small row groups."""
 
     def __init__(self, path: Path, schema: Any):
         import pyarrow.parquet as pq
@@ -568,18 +570,31 @@ class _ParquetStream:
         meta[b"geo"] = json.dumps(geo).encode()
         self.schema = schema.with_metadata(meta)
         self._writer = pq.ParquetWriter(path, self.schema)
+        self._held: list[Any] = []
 
     def write(self, table: Any) -> None:
-        self._writer.write_table(table.cast(self.schema))
+        self._held.append(table.cast(self.schema))
+        if sum(t.num_rows for t in self._held) >= BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._held:
+            self._writer.write_table(pa.concat_tables(self._held), row_group_size=BATCH_ROWS)
+            self._held = []
 
     def close(self, abort: bool = False) -> None:
+        if not abort:
+            self._flush()
         self._writer.close()
 
 
 @contextlib.contextmanager
 def ticking(desc: str, enabled: bool, size_of: Callable[[], int] | None = None) -> Iterator[None]:
     """A progress line that ticks (elapsed time, bytes written so far) while a long step with no
-    progress report of its own runs: the COG copy, the seam merge. Never silent for minutes."""
+    progress report of its own runs: the seam merge, the COG copy where GDAL's callback is out of
+    reach (:mod:`geoseg.gdalcopy`). Never silent for minutes."""
     if not enabled:
         yield
         return
@@ -707,7 +722,7 @@ class _RowMerge:
         while True:
             live = [c for c in self._sources if c.low < limit]
             for c in live:
-                if c.rows == 0 and not c.done:
+                while c.rows == 0 and not c.done:  # an empty row group is no reason to stop reading
                     c.fill()
             live = [c for c in live if c.rows]
             self._sources = [c for c in self._sources if c.rows or not c.done]
@@ -791,8 +806,7 @@ class PolygonOutput:
             self.peak_pool = max(self.peak_pool, len(self._pool))
             self._next += 1
             if self._next < len(self.regions) and self.regions[self._next].row != region.row:
-                self._close(frontier=region.row_stop)  # a row of chunks is complete
-                self._emit(self._watermark(region.row_stop))
+                self._emit(self._close(frontier=region.row_stop))  # a row of chunks is complete
 
     def _write(self, table: Any) -> None:
         self._writer.write(table)
@@ -806,22 +820,18 @@ class PolygonOutput:
         import pyarrow.parquet as pq
 
         path, writer, low = self._spill_path(self._spills), None, math.inf
-        for table in tables:
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-                low = float(table["_top"][0].as_py())
-            writer.write_table(table, row_group_size=MERGE_ROWS)
+        self._spills += 1  # counted first: __exit__ removes it even if this fails half-way
+        try:
+            for table in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(path, table.schema)
+                    low = float(table["_top"][0].as_py())
+                writer.write_table(table, row_group_size=MERGE_ROWS)
+        finally:
+            if writer is not None:
+                writer.close()
         if writer is not None:
-            writer.close()
-            self._spills += 1
             self._merge.add(_SortedRows(part_tables(path), low, cleanup=lambda: path.unlink(missing_ok=True)))
-
-    def _watermark(self, frontier: int) -> float:
-        """No row still to come lies above this top: the chunks below ``frontier`` start there, and
-        an open seam group's polygon starts no higher than its highest piece."""
-        if len(self._pool) == 0:
-            return frontier
-        return min(frontier, float(shapely.bounds(self._pool.geometry)[:, 1].min()))
 
     def _emit(self, limit: float) -> None:
         """Write every row above ``limit``, a row of chunks at a time (the merge then holds one
@@ -830,17 +840,20 @@ class PolygonOutput:
             self._merge.emit_above(stop)
         self._written_to = max(self._written_to, limit)
 
-    def _close(self, frontier: int) -> None:
-        """Merge the pool's seams and finalize and append every merged polygon that nothing below
+    def _close(self, frontier: int) -> float:
+        """Merge the pool's seams and finalize and spill every merged polygon that nothing below
         ``frontier`` can join or interact with; keep the pieces of the others. For a class map, the
         finalized polygons are noded against every neighbour still known (the open pieces, the
-        context), and the ones an open piece touches stay as context for it."""
+        context), and the ones an open piece touches stay as context for it.
+
+        Returns the *watermark*: no row still to come lies above it. Chunks below ``frontier``
+        start there, and a group kept open starts no higher than its highest piece."""
         pool, chunk = self._pool, self._pool_chunk
         if len(pool) == 0:
-            return
+            return frontier
         below = frontier < self.job.height  # pieces are still to come below the frontier
         if below and not self.job.chunk_local:
-            return  # simplify: every piece may interact with every other; all close at the end
+            return 0  # simplify: every piece may interact with every other; all close at the end
         u, v = seam_links(pool, self._reg[chunk], chunk)
         group = components(len(pool), u, v) if len(u) else np.arange(len(pool))
         merged = merge_groups(pool, group)
@@ -865,6 +878,7 @@ class PolygonOutput:
         both = stay[lu] & stay[lv]
         self._links = (at[lu[both]], at[lv[both]])
         self._pool, self._pool_chunk = _take(pool, stay), chunk[stay]
+        return min(frontier, float(bounds[kept, 1].min())) if kept.any() else frontier
 
     def finish(self) -> int:
         """Append the remaining deferred pieces, build the index and style; returns the row count."""

@@ -15,7 +15,7 @@ from geoseg import gdalcopy
 from geoseg.errors import GeosegError
 from geoseg.raster import COG_OPTIONS, write_cog
 
-pytestmark = pytest.mark.skipif(not gdalcopy.reports_progress(), reason="rasterio's libgdal is not reachable")
+needs_lib = pytest.mark.skipif(not gdalcopy.reports_progress(), reason="rasterio's libgdal is not reachable")
 
 
 @pytest.fixture
@@ -30,6 +30,7 @@ def source(tmp_path):
     return path
 
 
+@needs_lib
 def test_same_library_as_rasterio():
     """A config option set through rasterio.Env is seen by the bound library: one GDAL, not two,
     although pyogrio's wheel loads a second libgdal into the process."""
@@ -38,8 +39,12 @@ def test_same_library_as_rasterio():
     with rasterio.Env(GEOSEG_TEST_OPTION="seen"):
         assert lib.CPLGetConfigOption(b"GEOSEG_TEST_OPTION", None) == b"seen"
     assert lib.CPLGetConfigOption(b"GEOSEG_TEST_OPTION", None) is None
+    others = [c for c in gdalcopy._candidates() if "pyogrio" in c]
+    if others:  # pyogrio's wheel bundles its own libgdal: it is a candidate, and rejected
+        assert "pyogrio" not in lib._name and gdalcopy._candidates().index(others[0]) == 0
 
 
+@needs_lib
 def test_cog_equals_rasterios_copy_and_reports_rising_fractions(tmp_path, source):
     seen: list[float] = []
     write_cog(source, tmp_path / "ours.tif", seen.append)
@@ -54,6 +59,7 @@ def test_cog_equals_rasterios_copy_and_reports_rising_fractions(tmp_path, source
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.tif", "ref.tif", "src.tif"]  # no temp left
 
 
+@needs_lib
 def test_exception_in_callback_cancels_and_leaves_nothing(tmp_path, source):
     calls = []
 
@@ -68,6 +74,7 @@ def test_exception_in_callback_cancels_and_leaves_nothing(tmp_path, source):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.tif"]  # no partial COG, no temp
 
 
+@needs_lib
 def test_failure_is_one_geoseg_error_naming_the_file(tmp_path, source, capfd):
     dst = tmp_path / "missing-dir" / "out.tif"
     with pytest.raises(GeosegError) as exc:
@@ -79,6 +86,7 @@ def test_failure_is_one_geoseg_error_naming_the_file(tmp_path, source, capfd):
         gdalcopy.create_copy(tmp_path / "nope.tif", tmp_path / "x.tif", "COG", COG_OPTIONS, lambda f: None)
 
 
+@needs_lib
 def test_error_handler_is_restored(tmp_path, source, capfd):
     """The quiet handler is popped again: GDAL errors after the copy are reported as before."""
     with pytest.raises(GeosegError):

@@ -17,6 +17,7 @@ from affine import Affine
 
 from geoseg.classes import class_map, exclusive
 from geoseg.pieces import Pieces, chunk_components, merge_seams
+from geoseg.polygons import finalize
 from geoseg.streaming import (
     FINAL_SUFFIX,
     KEY_COLUMNS,
@@ -367,3 +368,17 @@ def test_an_object_spanning_every_row_of_chunks_holds_rows_back_but_not_their_or
     tall = got[(got.prompt == "a") & (got.geometry.bounds.maxy - got.geometry.bounds.miny == SIZE * 0.5)]
     assert len(tall) == 1
     assert not [p for p in (tmp_path / "s").iterdir() if ".seams-" in p.name]
+
+
+def test_finalize_can_name_each_rows_piece(probs):
+    """``source_index``: the index names the piece of each row (gaps where min_area drops one),
+    which the parts' keys come from; by default the index is 0..n-1 (a public GeoDataFrame)."""
+    pieces = Pieces.concat(pieces_of(probs, regions_of(SIZE))[0:1])
+    j = job(min_area=3.0)
+    indexed = j.finalize(pieces)
+    plain = finalize(pieces, TRANSFORM, CRS, PROMPTS, THRESHOLDS, min_area=3.0)
+    assert list(plain.index) == list(range(len(plain))) and len(plain) == len(indexed) < len(pieces)
+    src = indexed.index.to_numpy()
+    assert (np.diff(src) > 0).all() and src[-1] < len(pieces)
+    assert (indexed.pixels.to_numpy() == pieces.n_px[src]).all()
+    assert (indexed.prompt_index.to_numpy() == pieces.prompt_index[src]).all()
