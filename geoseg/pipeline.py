@@ -102,8 +102,8 @@ def segment(config: SegmentConfig, client: Any = None, segmenter_factory: Segmen
 
     Polygons stream: each chunk task finalizes the polygons no other chunk can change; the client
     merges the others after each row of chunks and writes all rows in canonical order, a band at a
-    time, as soon as nothing still to come can precede them (:mod:`geoseg.streaming`). ``config.polygons=False`` writes
-    probabilities only.
+    time, as soon as nothing still to come can precede them (:mod:`geoseg.streaming`).
+    ``config.polygons=False`` writes probabilities only.
     """
     info = inspect_raster(config.input, config.bands, config.crs, config.resolution)
     thresholds = config.vector.thresholds_for(len(config.prompts))
