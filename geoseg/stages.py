@@ -178,22 +178,20 @@ def infer_chunk(job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> ChunkInfer
 
 
 def host_blend(segmenter: Segmenter, job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> np.ndarray:
-    """Numpy tiles through ``segmenter.predict``, blended on the CPU: (P, h, w)."""
+    """Numpy tiles through ``segmenter.predict``, blended on the CPU as each batch returns: (P, h, w).
+
+    Blending batch by batch holds one batch of tile probabilities, not the chunk's (~140 MB for a
+    4096² chunk of 352-px tiles and one prompt), and adds the tiles in the same order as before."""
     n, batch = len(tiles.tiles), job.batch_size or HOST_BATCH
-    probs = np.empty((n, len(job.prompts), job.tile_size, job.tile_size), np.float32)
-    for i, x in zip(range(0, n, batch), tiles.batches(job.info, batch)):
+    acc, wsum = new_accumulators(job.region, len(job.prompts))
+    info = job.info
+    for i, x in zip(range(0, n, batch), tiles.batches(info, batch)):
         # negatives ran in the same call (extra embedding rows); one band per prompt remains
-        probs[i:i + len(x)] = apply_negatives(segmenter.predict(x, embeddings), job.applies)
-    return blend_tiles(tiles, probs, job.region, job.info, job.tile_size, job.stride)
-
-
-def blend_tiles(tiles: ChunkTiles, probs: np.ndarray, region: Region, info: RasterInfo, tile_size: int,
-                stride: int) -> np.ndarray:
-    """Tukey-weighted blend of the tiles' probabilities over ``region``, normalised by Σw (P, h, w)."""
-    acc, wsum = new_accumulators(region, probs.shape[1])
-    for t, p in zip(tiles.tiles, probs):
-        accumulate(acc, wsum, region, t, p, tile_weights(t, info.height, info.width, tile_size, stride))
-    return normalise(acc, wsum, tiles.valid[region.slices(within=tiles.window)])
+        probs = apply_negatives(segmenter.predict(x, embeddings), job.applies)
+        for t, p in zip(tiles.tiles[i:i + len(x)], probs):
+            accumulate(acc, wsum, job.region, t, p,
+                       tile_weights(t, info.height, info.width, job.tile_size, job.stride))
+    return normalise(acc, wsum, tiles.valid[job.region.slices(within=tiles.window)])
 
 
 def device_blend(segmenter: TensorSegmenter, job: ChunkJob, tiles: ChunkTiles, embeddings: Any) -> np.ndarray:
