@@ -4,13 +4,13 @@ Why not let GDAL build it: GDAL builds a GeoPackage's R-tree in memory while a w
 and copies it into the file at the end, 50-70 bytes a row (``bench/bench_rtree.py``). For the 17.7
 M polygons of a 16384² speckle run that is about 1 GB, growing with the object count, while the
 worker processes are still alive. Capping it (``OGR_GPKG_MAX_RAM_USAGE_RTREE=0``) makes GDAL insert
-row by row: 59 s for 8 M rows against 21 s without an index, and it still grew to 307 MiB. SQLite's own row-by-row
-insert costs 16 µs a row. Packing costs 2.6 µs a row, against GDAL's 0.55. So the streamed output
-is written without an index and :func:`build_rtree` packs one afterwards. It reads each row's
-envelope from its GeoPackage geometry header, a window of rows at a time; sorts each window into
-Sort-Tile-Recursive order; and writes the full leaf nodes straight into the R-tree's shadow tables
-(``_node``, ``_rowid``, ``_parent``, in SQLite's documented node format). Only the leaves' boxes
-stay in memory, 1/51 of the rows, to pack the upper levels the same way.
+row by row: 59 s for 8 M rows against 21 s without an index, and it still grew to 307 MiB.
+SQLite's own row-by-row insert costs 16 µs a row. Packing costs 2.6 µs a row, against GDAL's 0.55.
+So the streamed output is written without an index and :func:`build_rtree` packs one afterwards.
+It reads each row's envelope from its GeoPackage geometry header, a window of rows at a time; sorts
+each window into Sort-Tile-Recursive order; and writes the full leaf nodes straight into the
+R-tree's shadow tables (``_node``, ``_rowid``, ``_parent``, in SQLite's documented node format).
+Only the leaves' boxes stay in memory, 1/51 of the rows, to pack the upper levels the same way.
 
 The rtree virtual table, its triggers and the ``gpkg_extensions`` row are copied from an empty
 layer GDAL itself creates with the same names, so the file is what GDAL would have written, with

@@ -244,12 +244,13 @@ def assemble_probabilities(run_dir: Path, regions: Sequence[Region], info: Raste
     def written() -> int:
         return sum(p.stat().st_size for p in run_dir.glob(f".{stem}.tmp-*") if p.exists())
 
-    with bounded_gdal_cache(), contextlib.ExitStack() as stack:
+    with bounded_gdal_cache():
         if progress and reports_progress():
-            write_cog(vrt, out, stack.enter_context(percent_bar("probabilities COG")))
+            with percent_bar("probabilities COG") as report:
+                write_cog(vrt, out, report)
         else:
-            stack.enter_context(ticking("probabilities COG", progress, written))
-            write_cog(vrt, out)
+            with ticking("probabilities COG", progress, written):
+                write_cog(vrt, out)
     vrt.unlink()
     return out
 

@@ -680,6 +680,7 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     n_holes = _count_holes(geoms)
 
     prompt_names = np.array(prompts, dtype=object)
+    index = source if source_index else None
     gdf = gpd.GeoDataFrame(
         {
             "prompt": prompt_names[prompt],
@@ -693,12 +694,10 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
             "n_holes": n_holes,
             "compactness": compact,
         },
-        geometry=gpd.GeoSeries(geoms, crs=crs, index=source),
+        geometry=gpd.GeoSeries(geoms, crs=crs, index=index),
         crs=crs,
-        index=source,
+        index=index,
     )
-    if not source_index:
-        gdf = gdf.reset_index(drop=True)
 
     if dst_crs is not None:
         gdf = _reproject(gdf, transform, dst_crs)
