@@ -107,12 +107,14 @@ def child_vectorize(size: int, chunk: int, max_in_flight: int | None = None) -> 
 PEAKS: dict[str, float] = {}  # the last measure()'s peaks of the client alone and of one child
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+def measure(cmd: list[str], env: dict | None = None, timeline: Path | None = None) -> tuple[float, float, str]:
     """(wall s, peak summed RSS MiB of the process tree, stdout) of ``cmd``; the peak RSS of the
     client process alone and of its largest child go to :data:`PEAKS` (what grows with the output
-    shows in the client; a worker's peak follows the chunk size)."""
+    shows in the client; a worker's peak follows the chunk size). ``timeline``: a CSV of every
+    sample (seconds, tree, client, largest child MiB), to see which stage a peak falls in."""
     import psutil
 
+    samples = []
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     root = psutil.Process(proc.pid)
@@ -129,12 +131,16 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]
             pass
         if sizes:
             peak, client, child = max(peak, sum(sizes)), max(client, sizes[0]), max(child, *sizes[1:], 0)
+            samples.append((time.perf_counter() - start, sum(sizes), sizes[0], max(sizes[1:], default=0)))
         time.sleep(0.1)
     out, err = proc.communicate()
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{err[-3000:]}")
     PEAKS.update(client=client / 2**20, child=child / 2**20)
+    if timeline is not None:
+        timeline.write_text("s,tree_mib,client_mib,child_mib\n" + "".join(
+            f"{t:.1f},{a / 2**20:.0f},{b / 2**20:.0f},{c / 2**20:.0f}\n" for t, a, b, c in samples))
     return wall, peak / 2**20, out
 
 
@@ -171,7 +177,7 @@ def main(argv=None) -> None:
             wall, rss, out = measure([sys.executable, __file__, "--child", step, "--size", str(size),
                                       "--chunk-size", str(args.chunk_size),
                                       *(["--max-in-flight", str(args.max_in_flight)] if args.max_in_flight else [])],
-                                     env)
+                                     env, timeline=OUT / f"timeline_{size}_{step}.csv")
             n = json.loads(out.strip().splitlines()[-1])["features"]
             rows.append((size, step, n, wall, rss))
             split[size, step] = dict(PEAKS)

@@ -141,8 +141,8 @@ def main(verbose, debug, progress_mode):
               help="Address of an existing Dask scheduler (tcp://host:8786), or its scheduler file (.json), "
                    "instead of a local cluster.")
 @click.option("--max-in-flight", type=int, default=None,
-              help="Chunk tasks queued on the cluster at once [default: 2 per worker]. Bounds scheduler "
-                   "and client memory for huge rasters.")
+              help="Chunks queued on the cluster at once [default: one per worker thread]. More only holds "
+                   "queued chunks in worker memory.")
 @click.option("--overwrite", is_flag=True,
               help="Start afresh: replace geoseg's files in the output directory (a previous run, of this job "
                    "or another, is not resumed); other files there are kept.")

@@ -319,15 +319,22 @@ def _map_chunks(work: Callable[[Region], str], regions: Sequence[Region], worker
 
 #: The smallest chunk :func:`vectorize_regions` cuts to: two COG blocks (512 px), so seams stay few.
 MIN_VECTORIZE_CHUNK = 1024
+#: The largest chunk ``vectorize`` polygonizes in one process: a process's peak follows its chunk,
+#: so one size for every run keeps vectorize's memory the same whatever the raster and its run's
+#: ``--chunk-size`` (at 4096² chunks it was 1.4x that of 2048² ones; bench/README.md).
+MAX_VECTORIZE_CHUNK = 2048
 
 
 def vectorize_regions(regions: Sequence[Region], height: int, width: int, workers: int) -> list[Region]:
-    """The run's chunks, halved (in multiples of 512 px, down to :data:`MIN_VECTORIZE_CHUNK`) while
-    there are fewer than ``workers``, so every worker process has a chunk: a 4096² run of one
-    chunk is polygonized as four on a 4-core laptop. The rows come in canonical order whatever the
-    grid, so the file does not change."""
+    """The run's chunks cut to at most :data:`MAX_VECTORIZE_CHUNK`, then halved (in multiples of
+    512 px, down to :data:`MIN_VECTORIZE_CHUNK`) while there are fewer than ``workers``, so every
+    worker process has a chunk: a 2048² run of one chunk is polygonized as four on a 4-core laptop.
+    The rows come in canonical order whatever the grid, so the file does not change."""
     regions = list(regions)
     chunk_h, chunk_w = max(r.height for r in regions), max(r.width for r in regions)
+    if max(chunk_h, chunk_w) > MAX_VECTORIZE_CHUNK:
+        chunk_h, chunk_w = min(chunk_h, MAX_VECTORIZE_CHUNK), min(chunk_w, MAX_VECTORIZE_CHUNK)
+        regions = chunk_regions(height, width, chunk_h, chunk_w)
     while len(regions) < workers and max(chunk_h, chunk_w) > MIN_VECTORIZE_CHUNK:
         chunk_h, chunk_w = (max(MIN_VECTORIZE_CHUNK, math.ceil(c / 1024) * 512) for c in (chunk_h, chunk_w))
         regions = chunk_regions(height, width, chunk_h, chunk_w)

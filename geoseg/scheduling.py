@@ -134,8 +134,12 @@ class ChunkSubmitter:
     """Submits chunks keeping a bounded number queued, and yields their results as they finish.
 
     Each chunk is three tasks: :func:`read_chunk` → :func:`infer_chunk` → :func:`finish_chunk`.
-    The window is ``max_in_flight`` chunks when given, else two per worker, re-read as workers
-    join (an adaptive cluster scales on queued work, so the window must grow with it).
+    The window is ``max_in_flight`` chunks when given, else one per worker thread, re-read as workers
+    join (an adaptive cluster scales on queued work, so the window must grow with it). Not more:
+    a chunk queued behind a busy thread only waits, holding its read halo and probabilities in the
+    worker's memory. Measured with one single-threaded worker at 8192² (``bench/README.md``): two
+    chunks in flight ran the next chunk's read and inference before the current chunk's polygon
+    stage, which then peaked 130 MiB higher, for no speed-up (one thread runs one task at a time).
     The prompts are encoded once, by the first task, and its small result feeds every chunk.
     Inference tasks carry ``resources={"GPU": 1}`` once any worker declares a GPU resource: one
     inference per GPU at a time, never on CPU-only workers of a mixed cluster, and reading,
@@ -150,7 +154,7 @@ class ChunkSubmitter:
         self.client = client
         self.max_in_flight = max_in_flight
         self.retries = retries
-        self.window = max_in_flight or 2
+        self.window = max_in_flight or 1
         self.resources: dict[str, int] | None = None
         self._polled = -float("inf")
         self._jobs: dict[str, ChunkJob] = {}  # future key -> its chunk
@@ -169,7 +173,7 @@ class ChunkSubmitter:
         if has_gpus(workers):
             self.resources = {"GPU": 1}
         if not self.max_in_flight:
-            self.window = max(self.window, 2 * len(workers))
+            self.window = max(self.window, sum(w.get("nthreads", 1) for w in workers.values()))
 
     def submit(self, job: ChunkJob) -> Any:
         """The chunk's three tasks; returns the future of the last one."""

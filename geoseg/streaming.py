@@ -84,6 +84,7 @@ from scipy import ndimage
 
 from .atomic import atomic_target
 from .gpkg_rtree import build_rtree
+from .memory import release_free_memory
 from .pieces import (
     FOUR_CONNECTED,
     Components,
@@ -488,6 +489,7 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
             pq.write_table(empty_rows(job), tmp)
         else:
             writer.close()
+    release_free_memory()  # the polygons' heap, freed: else the process's next chunk peaks higher
     return rows
 
 
@@ -839,6 +841,7 @@ class PolygonOutput:
         for stop in [b for b in self._bands if self._written_to < b < limit] + [limit]:
             self._merge.emit_above(stop)
         self._written_to = max(self._written_to, limit)
+        release_free_memory()  # the merged tables' buffers, freed: keeps the client flat row after row
 
     def _close(self, frontier: int) -> float:
         """Merge the pool's seams and finalize and spill every merged polygon that nothing below

@@ -165,6 +165,20 @@ def test_vectorize_cuts_a_one_chunk_run_for_its_workers_and_writes_the_same_file
                                   check_exact=False, rtol=1e-12)  # mean_prob: float64 sums in another order
 
 
+def test_vectorize_polygonizes_at_most_2048_px_chunks_whatever_the_run_grid():
+    """A run of 4096² chunks is vectorized as 2048² ones (a process's memory follows its chunk, so
+    vectorize's peak does not depend on the raster or the run's --chunk-size); edge chunks stay
+    clipped to the raster, and a run already finer keeps its grid."""
+    from geoseg.pipeline import vectorize_regions
+    from geoseg.tiling import chunk_regions
+
+    cut = vectorize_regions(chunk_regions(8192, 5000, 4096, 4096), 8192, 5000, 2)
+    assert {(r.height, r.width) for r in cut} == {(2048, 2048), (2048, 904)}
+    assert len(cut) == 12 and sum(r.height * r.width for r in cut) == 8192 * 5000
+    fine = chunk_regions(8192, 5000, 1024, 1024)
+    assert vectorize_regions(fine, 8192, 5000, 2) == fine
+
+
 def test_empty_result_writes_valid_empty_layer(tmp_path, inproc_client, caplog):
     src = write(tmp_path / "in.tif", shapes_scene(shapes=[]))
     result = segment(tmp_path, src, client=inproc_client)
