@@ -123,8 +123,12 @@ def canonical(gdf) -> pd.DataFrame:
     return as_rows(gdf).sort_values(["prompt_index", "wkb"]).reset_index(drop=True)
 
 
-def job(**kw) -> VectorJob:
-    return VectorJob(PROMPTS, THRESHOLDS, tuple(TRANSFORM)[:6], CRS, SIZE, SIZE, **kw)
+def job(transform: Affine = TRANSFORM, **kw) -> VectorJob:
+    return VectorJob(PROMPTS, THRESHOLDS, tuple(transform)[:6], CRS, SIZE, SIZE, **kw)
+
+
+#: 0.5 m pixels turned by 30°: map-space boxes are not pixel boxes
+ROTATED = Affine.translation(500000, 4500000) @ Affine.rotation(30) @ Affine.scale(0.5, -0.5)
 
 
 CLASSES = blobs()  # the same blobs, made a class map (one class per pixel) by pieces_of
@@ -139,10 +143,12 @@ OPTIONS = {
     "plain": {},
     "min_area+reproject": {"min_area": 3.0, "dst_crs": "EPSG:4326"},
     "fill_holes+simplify": {"fill_holes": 40.0, "simplify": 0.6, "min_area": 1.0},
+    "simplify+rotated": {"simplify": 1.5, "transform": ROTATED},  # 3 px: edges reach far
     # 6 m² = 24 px: rings of radius 6-7 fill their hole and absorb the island in it; hole_reach 50 px
     "fill_holes": {"fill_holes": 6.0, "min_area": 1.0},
     "classes": {"exclusive": True},
     "classes+fill_holes": {"exclusive": True, "fill_holes": 6.0},
+    "classes+simplify": {"exclusive": True, "simplify": 1.0},
 }
 
 
@@ -213,6 +219,45 @@ def test_chunks_finalize_most_pieces_and_the_client_holds_about_one_row_of_seams
     streamed(tmp_path, CLASSES if j.exclusive else probs, chunk, j, stats=stats)
     assert stats["final"] > final_ratio * stats["deferred"], stats
     assert stats["peak_pool"] < pool_share * stats["deferred"], stats
+
+
+def test_simplify_closes_groups_row_by_row_and_keeps_the_result_exact(tmp_path):
+    """Under simplify every piece goes to the client, which finalizes each group of polygons whose
+    boxes chain together once no piece still to come can join it. With separate objects (discs
+    on a 20 px grid, some across seams) it holds about one row of chunks' pieces, not all of them,
+    and the file is the one-chunk file row for row."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    probs = np.zeros((3, SIZE, SIZE), np.float32)
+    for cy in range(7, SIZE, 20):
+        for cx in range(7, SIZE, 20):
+            probs[(cy + cx) % 3][(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = 0.8
+    stats: dict = {}
+    j = job(simplify=0.6)
+    got = streamed(tmp_path, probs, 60, j, stats=stats)
+    assert stats["final"] == 0  # no chunk can decide alone (module docstring)
+    assert stats["deferred"] == 144 and stats["peak_pool"] <= 0.25 * stats["deferred"], stats  # a row: 36
+    pd.testing.assert_frame_equal(as_rows(got), as_rows(all_at_once(probs, SIZE, j)), check_exact=True,
+                                  check_dtype=False)
+
+
+def test_simplify_keeps_open_what_an_object_crossing_the_frontier_may_grow_around(tmp_path):
+    """An L whose bar crosses the seam y=64 and whose leg, below it, reaches left under a pixel in
+    the L's notch: above the seam, its box clear of the bar's. GEOS keeps a vertex of the L that it
+    removes when the pixel is not in the same coverage, so the pixel must wait for the row below,
+    though its box meets nothing of the first row of chunks (found by a search over such shapes)."""
+    probs = np.zeros((3, SIZE, SIZE), np.float32)
+    probs[0, 58:68, 100:102] = 0.8  # the bar, across y=64
+    probs[0, 64:68, 96:102] = 0.8   # the leg, in the second row of chunks
+    probs[0, 62, 98] = 0.8          # the pixel: rows 62-63, cols 98-99
+    j = job(simplify=1.5)           # 3 px
+    whole = all_at_once(probs, SIZE, j)
+    without = probs.copy()
+    without[0, 62, 98] = 0
+    assert len(whole) == 2
+    assert not all_at_once(without, SIZE, j).geometry.iloc[0].equals(whole.geometry.iloc[0]), \
+        "the pixel must change how the L simplifies"
+    got = streamed(tmp_path, probs, 64, j)
+    pd.testing.assert_frame_equal(as_rows(got), as_rows(whole), check_exact=True, check_dtype=False)
 
 
 def holes_across_seams() -> np.ndarray:
