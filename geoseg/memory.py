@@ -1,12 +1,12 @@
 """Hand memory a finished chunk freed back to the OS, so a process's peak does not creep chunk by chunk.
 
 A chunk's polygon stage makes about a million small GEOS allocations (glibc's heap) and Arrow
-buffers (Arrow's own mimalloc pool). Freed, both stay mapped in the process: measured on 4096²
-speckle chunks (1.1 M polygons each, ``bench/README.md``), a process kept ~250 MiB above its
-baseline after the first chunk, and its next chunk peaked ~100 MiB higher than the first, because
-its large arrays were mapped beside that free but fragmented heap. So the peak grew with the number
-of chunks a process had run, which is what made memory not flat in the raster size. Returning the
-free pages after each chunk keeps every chunk's peak at the first one's.
+buffers (Arrow's own mimalloc pool). Freed, both stay mapped in the process. Measured in one
+process polygonizing 4096² speckle chunks (1.1 M polygons each) one after another: ~200 MiB of
+freed memory stayed mapped after each chunk, and chunks 2-4 peaked at 699-710 MiB against 605 for
+the first; returning the free pages after each chunk gave 609-614. `vectorize`'s processes on
+4096² chunks of 8192² peaked at 629 MiB against 682-700 (bench/README.md). Dask workers gain less: their
+nanny already sets ``MALLOC_TRIM_THRESHOLD_``, which trims the top of the heap.
 """
 
 from __future__ import annotations

@@ -906,10 +906,10 @@ class PolygonOutput:
         return min(frontier, float(bounds[kept, 1].min())) if kept.any() else frontier
 
     def _reach(self, bounds: np.ndarray, frontier: int) -> float:
-        """The highest row a polygon's box may reach down to and still meet one still to come:
-        ``frontier - hole_reach`` for hole filling; under ``simplify``, the top of the highest
-        polygon touching the frontier, since it may still grow, by merging with pieces below, into
-        any column of its rows (module docstring)."""
+        """The row from which down a polygon's box may meet what is still to come, so that a
+        polygon whose box reaches it stays open: ``frontier - hole_reach`` for hole filling; under
+        ``simplify``, also the top of the highest polygon touching the frontier, which may still
+        grow, by merging with pieces below, into any column of its rows (module docstring)."""
         reach: float = frontier - self.job.hole_reach
         growing = bounds[:, 3] >= frontier
         if self.job.simplify > 0 and growing.any():
