@@ -228,14 +228,15 @@ def test_simplify_closes_groups_row_by_row_and_keeps_the_result_exact(tmp_path):
     and the file is the one-chunk file row for row."""
     yy, xx = np.mgrid[:SIZE, :SIZE]
     probs = np.zeros((3, SIZE, SIZE), np.float32)
-    for cy in range(7, SIZE, 20):
-        for cx in range(7, SIZE, 20):
+    for cy in range(0, SIZE, 20):  # rows 60, 120, 180 lie on seams
+        for cx in range(0, SIZE, 20):
             probs[(cy + cx) % 3][(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = 0.8
     stats: dict = {}
     j = job(simplify=0.6)
     got = streamed(tmp_path, probs, 60, j, stats=stats)
     assert stats["final"] == 0  # no chunk can decide alone (module docstring)
-    assert stats["deferred"] == 144 and stats["peak_pool"] <= 0.25 * stats["deferred"], stats  # a row: 36
+    assert stats["deferred"] > 144  # discs on seams come in pieces
+    assert stats["peak_pool"] < 0.35 * stats["deferred"], stats  # 4 rows of chunks: a row and its seams
     pd.testing.assert_frame_equal(as_rows(got), as_rows(all_at_once(probs, SIZE, j)), check_exact=True,
                                   check_dtype=False)
 
