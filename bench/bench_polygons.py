@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", default="segment,vectorize,gdal",
                     help="which steps to run (vectorize and gdal reuse an earlier segment run)")
     ap.add_argument("--max-in-flight", type=int, default=None,
-                    help="segment: chunks in flight (default: geoseg's, two per worker)")
+                    help="segment: chunks in flight (default: geoseg's, one per worker thread)")
     ap.add_argument("--child", choices=["segment", "vectorize"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

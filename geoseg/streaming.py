@@ -94,7 +94,7 @@ from scipy import ndimage
 
 from .atomic import atomic_target
 from .gpkg_rtree import build_rtree
-from .memory import release_free_memory
+from .memory import arrow_on_c_heap, release_free_memory
 from .pieces import (
     FOUR_CONNECTED,
     Components,
@@ -462,6 +462,7 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
 
     from .rundir import part_path
 
+    arrow_on_c_heap()
     cp = ChunkPieces(comps)
     n = len(cp)
     group = None
@@ -796,6 +797,7 @@ class PolygonOutput:
         self.peak_pool = 0
 
     def __enter__(self) -> PolygonOutput:
+        arrow_on_c_heap()
         remove_stale_temps(self.path)
         self._target = atomic_target(self.path)
         self._tmp = self._target.__enter__()
