@@ -35,8 +35,13 @@ def dask_client(scheduler: str | None = None, client: Any = None, workers: int |
     ``scheduler`` is an address (``tcp://host:8786``) or the path of a scheduler file written by
     ``dask scheduler --scheduler-file`` (the usual hand-off on SLURM/MPI). A caller's client is used
     as it is and never closed. The LocalCluster runs one single-threaded worker process per
-    ``workers`` and shares the machine's cores between their math libraries.
+    ``workers`` and shares the machine's cores between their math libraries. Its workers run
+    without Dask's statistical profiler, which keeps a call tree per second for the last 1,000 s:
+    measured on one worker running geoseg's chunk stages, its RSS grew ~2 MiB a chunk (2048²) with
+    it and stayed flat without; at 16384² that was ~90 MiB by the end (bench/README.md). Nobody
+    reads those trees on geoseg's own cluster; a cluster of the user's keeps its settings.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     if client is not None:
@@ -49,8 +54,9 @@ def dask_client(scheduler: str | None = None, client: Any = None, workers: int |
     n = workers or 1
     threads = max(1, (os.cpu_count() or 1) // n)
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      env=env, silence_logs=logging.CRITICAL) as cluster, Client(cluster) as c:
+    with dask.config.set({"distributed.worker.profile.enabled": False}), \
+            LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                         env=env, silence_logs=logging.CRITICAL) as cluster, Client(cluster) as c:
         yield c
 
 

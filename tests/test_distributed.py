@@ -91,6 +91,15 @@ def test_two_worker_processes_equal_single_process(tmp_path, raster, reference, 
     assert_same(result, reference)
 
 
+def test_geosegs_own_workers_keep_no_profile_history(cluster_client):
+    """Dask's profiler would keep a call tree per second for 1,000 s in every worker (~90 MiB by
+    the end of a 16384² run; scheduling.dask_client). Checked after a run on these workers."""
+    def profiling(dask_worker):
+        return dask.config.get("distributed.worker.profile.enabled"), len(dask_worker.profile_history)
+
+    assert set(cluster_client.run(profiling).values()) == {(False, 0)}
+
+
 def test_class_map_with_hole_filling_on_worker_processes_equals_one_chunk(tmp_path, raster, cluster_client,
                                                                           inproc_client):
     """--classes --fill-holes: chunk tasks on two worker processes finalize what the streaming rules
