@@ -5,6 +5,8 @@ come in a deterministic order; the client holds about one row of seams at a time
 
 from __future__ import annotations
 
+import logging
+
 import math
 from pathlib import Path
 
@@ -239,6 +241,24 @@ def test_simplify_closes_groups_row_by_row_and_keeps_the_result_exact(tmp_path):
     assert stats["peak_pool"] < 0.35 * stats["deferred"], stats  # 4 rows of chunks: a row and its seams
     pd.testing.assert_frame_equal(as_rows(got), as_rows(all_at_once(probs, SIZE, j)), check_exact=True,
                                   check_dtype=False)
+
+
+def test_simplify_warns_once_when_it_holds_many_objects(tmp_path, monkeypatch, caplog):
+    """Dense output under --simplify holds every object until the end (8.3 GB for 4096² speckle,
+    bench/README.md): the user is told once, when the client's pool reaches the limit; without
+    simplify the pieces wait only for their seams and nothing is said."""
+    import geoseg.streaming as streaming
+
+    rng = np.random.default_rng(3)
+    probs = rng.random((3, SIZE, SIZE), dtype=np.float32)  # speckle: boxes chain across the raster
+    monkeypatch.setattr(streaming, "SIMPLIFY_WARN_PIECES", 100)
+    stats: dict = {}
+    with caplog.at_level(logging.WARNING, logger="geoseg.streaming"):
+        streamed(tmp_path / "plain", probs, 60, job(), stats=stats)
+        assert stats["peak_pool"] >= 100 and not caplog.records  # pieces wait for their seams only
+        streamed(tmp_path / "simplify", probs, 60, job(simplify=0.6), stats=stats)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING], caplog.text
+    assert "--simplify holds" in caplog.text and stats["peak_pool"] > 100
 
 
 def test_simplify_keeps_open_what_an_object_crossing_the_frontier_may_grow_around(tmp_path):
