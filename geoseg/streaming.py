@@ -769,7 +769,7 @@ class _RowMerge:
 
 #: Under ``--simplify``, how many objects the client may hold for one coverage simplification
 #: before it warns: objects whose boxes chain together (speckle's chain across the raster) are
-#: simplified together, about 7.5 kB each (1.1 M objects of 4096² speckle peaked at 8.3 GB).
+#: simplified together, about 8 kB each (1.1 M objects of 4096² speckle peaked at 8.3 GB).
 SIMPLIFY_WARN_PIECES = 250_000
 
 
@@ -841,7 +841,7 @@ class PolygonOutput:
             if self.job.simplify > 0 and len(self._pool) >= SIMPLIFY_WARN_PIECES and not self._warned:
                 self._warned = True
                 log.warning("--simplify holds %d objects in memory to simplify them together (objects whose boxes "
-                            "touch wait for each other; dense output chains across the raster), ~7.5 kB each. "
+                            "touch wait for each other; dense output chains across the raster), ~8 kB each. "
                             "Without --simplify memory stays bounded.", len(self._pool))
             self._next += 1
             if self._next < len(self.regions) and self.regions[self._next].row != region.row:

@@ -6,7 +6,6 @@ come in a deterministic order; the client holds about one row of seams at a time
 from __future__ import annotations
 
 import logging
-
 import math
 from pathlib import Path
 
