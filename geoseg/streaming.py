@@ -801,7 +801,6 @@ class PolygonOutput:
         self._spills = 0
         #: The most deferred pieces held at once (what the client's memory follows; tests, benchmarks).
         self.peak_pool = 0
-        self._warned = False  # about the objects --simplify holds
 
     def __enter__(self) -> PolygonOutput:
         arrow_on_c_heap()
@@ -837,12 +836,11 @@ class PolygonOutput:
             self._pool = Pieces.concat([self._pool, deferred])
             self._context = Pieces.concat([self._context, context])
             self._pool_chunk = np.r_[self._pool_chunk, np.full(len(deferred), self._next, np.int64)]
-            self.peak_pool = max(self.peak_pool, len(self._pool))
-            if self.job.simplify > 0 and len(self._pool) >= SIMPLIFY_WARN_PIECES and not self._warned:
-                self._warned = True
+            if self.job.simplify > 0 and self.peak_pool < SIMPLIFY_WARN_PIECES <= len(self._pool):  # once
                 log.warning("--simplify holds %d objects in memory to simplify them together (objects whose boxes "
                             "touch wait for each other; dense output chains across the raster), ~8 kB each. "
                             "Without --simplify memory stays bounded.", len(self._pool))
+            self.peak_pool = max(self.peak_pool, len(self._pool))
             self._next += 1
             if self._next < len(self.regions) and self.regions[self._next].row != region.row:
                 self._emit(self._close(frontier=region.row_stop))  # a row of chunks is complete
