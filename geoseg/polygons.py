@@ -502,16 +502,27 @@ def _node_coverage(geoms: np.ndarray, context: np.ndarray | None = None) -> np.n
     return out
 
 
-def _coverage_simplify(geoms: np.ndarray, prompt: np.ndarray, tolerance: float) -> np.ndarray:
-    """Simplify each prompt's polygons as one coverage so shared edges stay shared (no gaps/overlaps)."""
-    out = geoms.copy()
+def _coverage_simplify(geoms: np.ndarray, prompt: np.ndarray, tolerance: float,
+                       before: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Simplify each prompt's polygons as one coverage so shared edges stay shared (no gaps/overlaps).
+
+    GEOS simplifies the coverage's edges one after another in input order, each beside the current
+    state of the others, so a polygon's result depends on the results of the polygons before it.
+    ``before``: (geometry, prompt) of polygons before these ones, already simplified; they go last
+    in the input, where the simplifier treats them only after these (module geoseg.streaming).
+
+    Returns (repaired, raw): the raw result is what a later call takes as ``before``."""
+    raw = geoms.copy()
     for p in np.unique(prompt):
         sel = np.flatnonzero(prompt == p)
-        out[sel] = shapely.coverage_simplify(geoms[sel], tolerance, simplify_boundary=True)
+        tail = before[0][before[1] == p] if before is not None else geoms[:0]
+        raw[sel] = shapely.coverage_simplify(np.concatenate([geoms[sel], tail]), tolerance,
+                                             simplify_boundary=True)[:len(sel)]
+    out = raw.copy()
     bad = ~shapely.is_valid(out)
     if bad.any():
         out[bad] = shapely.make_valid(out[bad], method="structure", keep_collapsed=False)
-    return out
+    return out, raw
 
 
 def _split_antimeridian(geoms: np.ndarray) -> np.ndarray:
@@ -576,7 +587,8 @@ def _empty_frame(crs: Any):
 def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str],
              thresholds: Sequence[float], *, min_area: float = 0, fill_holes: float = 0,
              simplify: float = 0, dst_crs: Any = None, exclusive: bool = False,
-             context: np.ndarray | None = None, source_index: bool = False):
+             context: np.ndarray | None = None, source_index: bool = False,
+             simplified_before: tuple[np.ndarray, np.ndarray] | None = None, raw_out: list | None = None):
     """Turn merged pixel-space pieces into a map-ready ``GeoDataFrame``.
 
     Steps, all after :func:`merge_seams` so that no chunk-border artefact can influence them:
@@ -609,6 +621,11 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
     coverage, so the classes stay a valid coverage (no overlaps, no new gaps between them).
     ``context``: pixel-space neighbours of the pieces that are finalized elsewhere; with
     ``exclusive`` the pieces are noded against them too (see ``_node_coverage``).
+    ``simplified_before``: (map-space geometry, prompt index) of polygons that come before the
+    pieces in their coverage and are simplified already (raw, as ``raw_out`` gives them): the
+    pieces are simplified as the whole coverage would simplify them (see ``_coverage_simplify``).
+    ``raw_out``: a list that gets the returned rows' raw simplified geometry (before repair,
+    orientation and reprojection) appended.
 
     Rows keep the input order. ``source_index``: the index is each row's position in ``pieces``
     (filled-in islands and polygons below ``min_area`` or simplified away leave gaps), so a caller
@@ -662,11 +679,14 @@ def finalize(pieces: Pieces, transform: Affine, crs: Any, prompts: Sequence[str]
         source = source[keep]
 
     if simplify > 0 and len(geoms):
-        geoms = _coverage_simplify(geoms, np.zeros_like(prompt) if exclusive else prompt, simplify)
+        geoms, raw = _coverage_simplify(geoms, np.zeros_like(prompt) if exclusive else prompt, simplify,
+                                        simplified_before)
         keep = ~shapely.is_empty(geoms)
         geoms, prompt, n_px, sum_p, max_p = geoms[keep], prompt[keep], n_px[keep], sum_p[keep], max_p[keep]
         source = source[keep]
         geoms = shapely.orient_polygons(geoms, exterior_cw=False)
+        if raw_out is not None:
+            raw_out.append(raw[keep])
 
     if len(geoms) == 0:
         return _empty_frame(out_crs)

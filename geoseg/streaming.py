@@ -196,13 +196,21 @@ class VectorJob:
         """The CRS the rows are written in."""
         return self.dst_crs if self.dst_crs is not None else self.crs
 
-    def finalize(self, pieces: Pieces, context: np.ndarray | None = None):
-        """:func:`geoseg.polygons.finalize` with these options; rows indexed by their piece."""
+    @property
+    def sequential(self) -> bool:
+        """Under ``simplify``, except for a class map: the client simplifies the coverage a prefix
+        of the canonical order at a time, beside the polygons simplified before it (module
+        docstring)."""
+        return self.simplify > 0 and not self.exclusive
+
+    def finalize(self, pieces: Pieces, context: np.ndarray | None = None, **kw: Any):
+        """:func:`geoseg.polygons.finalize` with these options; rows indexed by their piece. ``kw``:
+        its ``simplified_before`` and ``raw_out``."""
         from affine import Affine
 
         return finalize(pieces, Affine(*self.transform), self.crs, self.prompts, self.thresholds,
                         min_area=self.min_area, fill_holes=self.fill_holes, simplify=self.simplify,
-                        dst_crs=self.dst_crs, exclusive=self.exclusive, context=context, source_index=True)
+                        dst_crs=self.dst_crs, exclusive=self.exclusive, context=context, source_index=True, **kw)
 
 
 def near_seam(bounds: np.ndarray, region: Region, height: int, width: int, reach: int = 0) -> np.ndarray:
@@ -240,15 +248,26 @@ def neighbour_links(bounds: np.ndarray, job: VectorJob, holes: tuple[np.ndarray,
     return owner[j][keep], i[keep]
 
 
-def simplify_links(bounds: np.ndarray, prompt: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
-    """Under ``simplify``: pairs of polygons (by their pixel ``bounds``) of one coverage (a prompt;
-    every class of a class map) whose boxes meet. Polygons that no chain of such pairs joins are
-    simplified independently (module docstring), so each linked group can be finalized on its own."""
+def simplify_links(bounds: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
+    """A class map under ``simplify``: pairs of polygons (by their pixel ``bounds``) whose boxes
+    meet. Polygons that no chain of such pairs joins are simplified independently (module
+    docstring), so each linked group can be finalized on its own."""
     none = np.empty(0, np.int64)
-    if job.simplify == 0 or len(bounds) < 2:
+    if job.simplify == 0 or not job.exclusive or len(bounds) < 2:
         return none, none
     i, j = boxes_tree(bounds).query(boxes(bounds), predicate="intersects")
-    keep = (i < j) & ((prompt[i] == prompt[j]) | job.exclusive)
+    keep = i < j
+    return i[keep], j[keep]
+
+
+def meeting(bounds: np.ndarray, prompt: np.ndarray, other_bounds: np.ndarray, other_prompt: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``: box ``i`` of (``bounds``, ``prompt``) meets box ``j`` of the others, of the
+    same prompt (the same coverage)."""
+    if len(bounds) == 0 or len(other_bounds) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    i, j = boxes_tree(other_bounds).query(boxes(bounds), predicate="intersects")
+    keep = prompt[i] == other_prompt[j]
     return i[keep], j[keep]
 
 
@@ -795,6 +814,9 @@ class PolygonOutput:
         self._pool_chunk = np.zeros(0, np.int64)
         self._links = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # pool pieces finalized together
         self._context = Pieces.empty()  # class maps: neighbours the pool's pieces are noded against
+        #: Sequential simplify: polygons simplified already that a polygon still to come may meet
+        #: (raw simplified map-space geometry, prompt, pixel bounds).
+        self._simplified = (np.empty(0, object), np.zeros(0, np.int32), np.zeros((0, 4)))
         self._merge = _RowMerge(self._write)
         self._bands = sorted({r.row_stop for r in self.regions})  # where the rows of chunks end
         self._written_to: float = 0  # every row above this top is written
@@ -896,10 +918,16 @@ class PolygonOutput:
         bounds = shapely.bounds(merged.geometry)
         holes = small_holes(merged.geometry, self.job) if self.job.fill_holes > 0 else None
         hu, hv = neighbour_links(bounds, self.job, holes)
-        su, sv = simplify_links(bounds, merged.prompt_index, self.job)
-        kept = linked_to(below & (bounds[:, 3] >= self._reach(bounds, frontier)),
-                         np.r_[hu, su, group[self._links[0]]], np.r_[hv, sv, group[self._links[1]]])
-        if not kept.all():
+        su, sv = simplify_links(bounds, self.job)
+        lu, lv = np.r_[hu, su, group[self._links[0]]], np.r_[hv, sv, group[self._links[1]]]
+        kept = linked_to(below & (bounds[:, 3] >= self._reach(bounds, frontier)), lu, lv)
+        if self.job.sequential:
+            kept = self._from_first_near(kept, merged, bounds, lu, lv)
+            self._spill(self._simplified_in_order(merged, bounds, kept, lu, lv))
+            low = bounds[kept, 1].min() if kept.any() else frontier
+            keep = self._simplified[2][:, 3] >= min(low, frontier)  # what a polygon still to come may meet
+            self._simplified = tuple(a[keep] for a in self._simplified)
+        elif not kept.all():
             context = np.concatenate([merged.geometry[kept], self._context.geometry]) if self.job.exclusive else None
             self._spill(finalized_tables(canonical(_take(merged, ~kept)), self.job, context))
         if self.job.exclusive:  # keep as context what an open piece touches
@@ -916,6 +944,55 @@ class PolygonOutput:
         self._links = (at[lu[both]], at[lv[both]])
         self._pool, self._pool_chunk = _take(pool, stay), chunk[stay]
         return min(frontier, float(bounds[kept, 1].min())) if kept.any() else frontier
+
+    def _from_first_near(self, kept: np.ndarray, merged: Pieces, bounds: np.ndarray, lu: np.ndarray,
+                         lv: np.ndarray) -> np.ndarray:
+        """Sequential simplify: ``kept`` grown to every polygon from the first (canonical order) that
+        is kept or whose box meets a kept one's, and to what is finalized with those (``lu``, ``lv``).
+        What is left is a prefix of the coverage that nothing still open can change."""
+        if not kept.any():
+            return kept
+        prompt = merged.prompt_index
+        _, near = meeting(bounds[kept], prompt[kept], bounds, prompt)
+        pos = np.empty(len(kept), np.int64)
+        pos[canonical_order(prompt, bounds, merged.n_px)] = np.arange(len(kept))
+        cut = min(pos[kept].min(), pos[near].min())
+        while True:  # pulling in an island's owner moves the cut up; a few rounds at most
+            after = pos >= cut
+            grown = linked_to(after, lu, lv)
+            if (grown == after).all():
+                return after
+            cut = pos[grown].min()
+
+    def _simplified_in_order(self, merged: Pieces, bounds: np.ndarray, kept: np.ndarray, lu: np.ndarray,
+                             lv: np.ndarray) -> Iterator[Any]:
+        """Sequential simplify: the rows of the pieces not ``kept`` (a prefix of the coverage), a
+        batch at a time in canonical order. Each batch is simplified beside the polygons simplified
+        before it whose boxes meet its own (``self._simplified``, appended to) and, after it, the
+        pieces to come whose boxes do (their rows are dropped): the rows the whole coverage gives."""
+        prompt = merged.prompt_index
+        ids = np.flatnonzero(~kept)
+        ids = ids[canonical_order(prompt[ids], bounds[ids], merged.n_px[ids])]
+        pending = np.ones(len(kept), bool)  # not simplified yet
+        group = components(len(kept), lu, lv) if len(lu) else None
+        for batch in _batches(ids, group):
+            pending[batch] = False
+            _, near = meeting(bounds[batch], prompt[batch], bounds, prompt)
+            after = np.unique(near[pending[near]])
+            sel = np.r_[batch, after]
+            part = _take(merged, sel)
+            part = Pieces(part.prompt_index, shapely.normalize(part.geometry), part.n_px, part.sum_p, part.max_p)
+            geoms, gprompt, gbounds = self._simplified
+            _, before = meeting(bounds[batch], prompt[batch], gbounds, gprompt)
+            before = np.unique(before)
+            raw: list = []
+            gdf = self.job.finalize(part, simplified_before=(geoms[before], gprompt[before]), raw_out=raw)
+            mine = gdf.index.to_numpy() < len(batch)
+            gdf, src = gdf[mine], gdf.index.to_numpy()[mine]
+            self._simplified = (np.concatenate([geoms, raw[0][mine] if raw else geoms[:0]]),
+                                np.r_[gprompt, part.prompt_index[src]], np.concatenate([gbounds, bounds[sel[src]]]))
+            if len(gdf):
+                yield keyed_rows(gdf, part, bounds[sel], self.job)
 
     def _reach(self, bounds: np.ndarray, frontier: int) -> float:
         """The row from which down a polygon's box may meet what is still to come, so that a
