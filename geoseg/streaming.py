@@ -947,16 +947,20 @@ class PolygonOutput:
 
     def _from_first_near(self, kept: np.ndarray, merged: Pieces, bounds: np.ndarray, lu: np.ndarray,
                          lv: np.ndarray) -> np.ndarray:
-        """Sequential simplify: ``kept`` grown to every polygon from the first (canonical order) that
-        is kept or whose box meets a kept one's, and to what is finalized with those (``lu``, ``lv``).
-        What is left is a prefix of the coverage that nothing still open can change."""
+        """Sequential simplify: ``kept`` grown to every polygon from the first kept one (canonical
+        order) on, and to what is finalized with those (``lu``, ``lv``). What is left is a prefix of
+        the coverage that nothing still open can change. Under ``fill_holes`` a kept polygon may
+        still change above the frontier (a hole filled, absorbed as an island): the prefix then
+        also stops at the first polygon whose box meets a kept one's."""
         if not kept.any():
             return kept
         prompt = merged.prompt_index
-        _, near = meeting(bounds[kept], prompt[kept], bounds, prompt)
         pos = np.empty(len(kept), np.int64)
         pos[canonical_order(prompt, bounds, merged.n_px)] = np.arange(len(kept))
-        cut = min(pos[kept].min(), pos[near].min())
+        cut = pos[kept].min()
+        if self.job.fill_holes > 0:
+            _, near = meeting(bounds[kept], prompt[kept], bounds, prompt)
+            cut = min(cut, pos[near].min())
         while True:  # pulling in an island's owner moves the cut up; a few rounds at most
             after = pos >= cut
             grown = linked_to(after, lu, lv)
@@ -1001,7 +1005,7 @@ class PolygonOutput:
         grow, by merging with pieces below, into any column of its rows (module docstring)."""
         reach: float = frontier - self.job.hole_reach
         growing = bounds[:, 3] >= frontier
-        if self.job.simplify > 0 and growing.any():
+        if self.job.simplify > 0 and not self.job.sequential and growing.any():
             reach = min(reach, float(bounds[growing, 1].min()))
         return reach
 
