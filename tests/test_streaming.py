@@ -349,6 +349,21 @@ def test_fill_holes_absorbs_islands_across_seams_exactly(tmp_path):
         pd.testing.assert_frame_equal(canonical(got), reference, check_exact=True, check_dtype=False)
 
 
+def test_simplify_finalizes_an_island_in_its_owners_batch(tmp_path, monkeypatch):
+    """Sequential simplify one polygon at a time (BATCH_ROWS = 1): an island to be absorbed is
+    finalized in its owner's batch, never alone after it."""
+    import geoseg.streaming as streaming
+
+    monkeypatch.setattr(streaming, "BATCH_ROWS", 1)
+    j = job(fill_holes=7.0, simplify=0.6)
+    data = holes_across_seams()
+    whole = all_at_once(data, SIZE, j)
+    assert len(whole) == 3 and (whole.n_holes == 0).all()
+    for chunk in (64, 120):
+        got = streamed(tmp_path / f"c{chunk}", data, chunk, j)
+        pd.testing.assert_frame_equal(as_rows(got), as_rows(whole), check_exact=True, check_dtype=False)
+
+
 def test_hole_reach_bounds_a_seam_closed_hole():
     """A ring that closes across a seam around an island: with hole filling the island must wait
     for the client (it is absorbed there), so it lies within hole_reach of the seam."""
