@@ -10,6 +10,8 @@ process whose whole process tree (the Dask worker processes included) is polled 
                     noise), threshold 0.5: about 1 M polygons per 4096², like the tiny random
                     CLIPSeg, without spending the run in a network;
 * ``vectorize``  -- ``geoseg vectorize`` of that run at threshold 0.5 (re-reads the COG);
+* ``simplify``   -- (only when asked for) ``geoseg vectorize --simplify`` one pixel (0.5 m) of
+                    that run: the client streams the coverage simplification;
 * ``gdal``       -- ``gdal_polygonize.py`` (Debian GDAL, /usr/bin/python3) of the same mask
                     (``probabilities >= 0.5`` written as a uint8 GeoTIFF with nodata 0) to
                     GeoPackage, 4-connected: geometry only, no attributes.
@@ -96,12 +98,19 @@ def child_segment(size: int, chunk: int, max_in_flight: int | None = None) -> di
     return {"features": res.features}
 
 
-def child_vectorize(size: int, chunk: int, max_in_flight: int | None = None) -> dict:
+def child_vectorize(size: int, chunk: int, max_in_flight: int | None = None, simplify: float = 0.0) -> dict:
     from geoseg.config import VectorizeConfig
     from geoseg.pipeline import vectorize
 
-    _, n = vectorize(OUT / f"run_{size}", VectorizeConfig(threshold=0.5), workers=None)  # one per CPU, as the CLI
+    # one worker per CPU, as the CLI
+    _, n = vectorize(OUT / f"run_{size}", VectorizeConfig(threshold=0.5, simplify=simplify), workers=None)
     return {"features": n}
+
+
+def child_simplify(size: int, chunk: int, max_in_flight: int | None = None) -> dict:
+    from tests.rasters import NORTH_UP
+
+    return child_vectorize(size, chunk, max_in_flight, simplify=NORTH_UP.a)  # one pixel
 
 
 PEAKS: dict[str, float] = {}  # the last measure()'s peaks of the client alone and of one child
@@ -156,14 +165,15 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk-size", type=int, default=4096, help="geoseg --chunk-size (default: geoseg's)")
     ap.add_argument("--gdal-max", type=int, default=16384, help="skip the GDAL anchor above this size")
     ap.add_argument("--steps", default="segment,vectorize,gdal",
-                    help="which steps to run (vectorize and gdal reuse an earlier segment run)")
+                    help="which steps to run, of segment,vectorize,simplify,gdal (all but segment reuse an "
+                         "earlier segment run)")
     ap.add_argument("--max-in-flight", type=int, default=None,
                     help="segment: chunks in flight (default: geoseg's, one per worker thread)")
-    ap.add_argument("--child", choices=["segment", "vectorize"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["segment", "vectorize", "simplify"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        fn = child_segment if args.child == "segment" else child_vectorize
+        fn = {"segment": child_segment, "vectorize": child_vectorize, "simplify": child_simplify}[args.child]
         print(json.dumps(fn(args.size, args.chunk_size, args.max_in_flight)))
         return
 
@@ -173,7 +183,7 @@ def main(argv=None) -> None:
     steps = args.steps.split(",")
     for size in (int(s) for s in args.sizes.split(",")):
         make_speckle(OUT / f"speckle_{size}.tif", size)
-        for step in (s for s in ("segment", "vectorize") if s in steps):
+        for step in (s for s in ("segment", "vectorize", "simplify") if s in steps):
             wall, rss, out = measure([sys.executable, __file__, "--child", step, "--size", str(size),
                                       "--chunk-size", str(args.chunk_size),
                                       *(["--max-in-flight", str(args.max_in_flight)] if args.max_in_flight else [])],
@@ -206,7 +216,7 @@ def main(argv=None) -> None:
         if (size, "gdal") in by and (size, "vectorize") in by:
             print(f"{size}²: vectorize is {by[size, 'gdal'][1] / by[size, 'vectorize'][1]:.2f}x as fast as "
                   "gdal_polygonize.py to GeoPackage")
-    for step in ("segment", "vectorize"):
+    for step in ("segment", "vectorize", "simplify"):
         if (sizes[0], step) in by and (sizes[-1], step) in by and len(sizes) > 1:
             big, small = split[sizes[-1], step], split[sizes[0], step]
             print(f"{step}: peak RSS {sizes[-1]}² / {sizes[0]}² = {by[sizes[-1], step][2] / by[sizes[0], step][2]:.2f}"

@@ -260,15 +260,13 @@ def simplify_links(bounds: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.n
     return i[keep], j[keep]
 
 
-def meeting(bounds: np.ndarray, prompt: np.ndarray, other_bounds: np.ndarray, other_prompt: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(i, j)``: box ``i`` of (``bounds``, ``prompt``) meets box ``j`` of the others, of the
-    same prompt (the same coverage)."""
-    if len(bounds) == 0 or len(other_bounds) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    i, j = boxes_tree(other_bounds).query(boxes(bounds), predicate="intersects")
-    keep = prompt[i] == other_prompt[j]
-    return i[keep], j[keep]
+def meeting(bounds: np.ndarray, prompt: np.ndarray, tree: shapely.STRtree, tree_prompt: np.ndarray) -> np.ndarray:
+    """The items of ``tree`` (:func:`boxes_tree`) whose box meets one of ``bounds`` of the same prompt
+    (the same coverage), each once."""
+    if len(bounds) == 0 or len(tree_prompt) == 0:
+        return np.empty(0, np.int64)
+    i, j = tree.query(boxes(bounds), predicate="intersects")
+    return np.unique(j[prompt[i] == tree_prompt[j]])
 
 
 def boxes(bounds: np.ndarray) -> np.ndarray:
@@ -959,7 +957,7 @@ class PolygonOutput:
         pos[canonical_order(prompt, bounds, merged.n_px)] = np.arange(len(kept))
         cut = pos[kept].min()
         if self.job.fill_holes > 0:
-            _, near = meeting(bounds[kept], prompt[kept], bounds, prompt)
+            near = meeting(bounds[kept], prompt[kept], boxes_tree(bounds), prompt)
             cut = min(cut, pos[near].min())
         while True:  # pulling in an island's owner moves the cut up; a few rounds at most
             after = pos >= cut
@@ -979,16 +977,15 @@ class PolygonOutput:
         ids = ids[canonical_order(prompt[ids], bounds[ids], merged.n_px[ids])]
         pending = np.ones(len(kept), bool)  # not simplified yet
         group = components(len(kept), lu, lv) if len(lu) else None
+        tree = boxes_tree(bounds)
         for batch in _batches(ids, group):
             pending[batch] = False
-            _, near = meeting(bounds[batch], prompt[batch], bounds, prompt)
-            after = np.unique(near[pending[near]])
-            sel = np.r_[batch, after]
+            near = meeting(bounds[batch], prompt[batch], tree, prompt)
+            sel = np.r_[batch, near[pending[near]]]
             part = _take(merged, sel)
             part = Pieces(part.prompt_index, shapely.normalize(part.geometry), part.n_px, part.sum_p, part.max_p)
             geoms, gprompt, gbounds = self._simplified
-            _, before = meeting(bounds[batch], prompt[batch], gbounds, gprompt)
-            before = np.unique(before)
+            before = meeting(bounds[batch], prompt[batch], boxes_tree(gbounds), gprompt)
             raw: list = []
             gdf = self.job.finalize(part, simplified_before=(geoms[before], gprompt[before]), raw_out=raw)
             mine = gdf.index.to_numpy() < len(batch)
