@@ -369,8 +369,41 @@ def write_pieces(path: str | os.PathLike, pieces: Pieces) -> None:
 
 def read_pieces(path: str | os.PathLike) -> Pieces:
     """Load pieces saved by :func:`write_pieces`."""
+    return Pieces.from_arrays(read_piece_arrays(path))
+
+
+def read_piece_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_pieces` saved, undecoded: a few bytes a vertex, where decoded
+    polygons take hundreds of bytes each (:func:`piece_rows` decodes a slice)."""
     with np.load(os.fspath(path), allow_pickle=False) as data:
-        return Pieces.from_arrays({k: data[k] for k in data.files})
+        return {k: data[k] for k in data.files}
+
+
+def piece_tops(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Each saved polygon's top pixel row (smallest y), without decoding them."""
+    if int(arrays["geom_type"]) != GeometryType.POLYGON:
+        return shapely.bounds(_decode_geometry(arrays)).reshape(-1, 4)[:, 1]
+    rings, polys = arrays["offsets0"], arrays["offsets1"]
+    starts = rings[polys[:-1]]
+    if len(starts) == 0:
+        return np.zeros(0)
+    return np.minimum.reduceat(arrays["coords"][:, 1], starts).astype(np.float64)
+
+
+def piece_rows(arrays: dict[str, np.ndarray], start: int, stop: int) -> Pieces:
+    """Saved pieces ``start:stop``, only those decoded."""
+    if int(arrays["geom_type"]) != GeometryType.POLYGON:
+        every = Pieces.from_arrays(arrays)
+        sel = slice(start, stop)
+        return Pieces(every.prompt_index[sel], every.geometry[sel], every.n_px[sel], every.sum_p[sel],
+                      every.max_p[sel])
+    rings, polys = arrays["offsets0"], arrays["offsets1"]
+    r0, r1 = polys[start], polys[stop]
+    c0, c1 = rings[r0], rings[r1]
+    geoms = shapely.from_ragged_array(GeometryType.POLYGON, np.asarray(arrays["coords"][c0:c1], np.float64),
+                                      (rings[r0:r1 + 1] - c0, polys[start:stop + 1] - r0))
+    return Pieces(arrays["prompt_index"][start:stop], geoms, arrays["n_px"][start:stop],
+                  arrays["sum_p"][start:stop], arrays["max_p"][start:stop])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -280,22 +280,24 @@ def test_simplify_with_fill_holes_streams_dense_speckle_exactly_in_small_batches
     pd.testing.assert_frame_equal(as_rows(got), as_rows(whole), check_exact=True, check_dtype=False)
 
 
-def test_simplify_warns_once_when_it_holds_many_objects(tmp_path, monkeypatch, caplog):
-    """Dense output under --simplify holds every object until the end (8.3 GB for 4096² speckle,
-    bench/README.md): the user is told once, when the client's pool reaches the limit; without
-    simplify the pieces wait only for their seams and nothing is said."""
+def test_class_map_simplify_warns_once_when_it_holds_many_objects(tmp_path, monkeypatch, caplog):
+    """A class map under --simplify holds every object whose box chains to the frontier (on a
+    fragmented map, every object): the user is told once, when the client's pool reaches the limit. Neither
+    the class map without simplify (pieces wait for their seams only) nor a prompt's coverage under
+    simplify (a row of chunks at a time) warns, though their pools pass the limit too."""
     import geoseg.streaming as streaming
 
     rng = np.random.default_rng(3)
-    probs = rng.random((3, SIZE, SIZE), dtype=np.float32)  # speckle: boxes chain across the raster
+    speckle = rng.random((3, SIZE, SIZE), dtype=np.float32)
     monkeypatch.setattr(streaming, "SIMPLIFY_WARN_PIECES", 100)
     stats: dict = {}
     with caplog.at_level(logging.WARNING, logger="geoseg.streaming"):
-        streamed(tmp_path / "plain", probs, 60, job(), stats=stats)
-        assert stats["peak_pool"] >= 100 and not caplog.records  # pieces wait for their seams only
-        streamed(tmp_path / "simplify", probs, 60, job(simplify=0.6), stats=stats)
+        for name, data, j in (("classes", CLASSES, job(exclusive=True)), ("simplify", speckle, job(simplify=0.6))):
+            streamed(tmp_path / name, data, 60, j, stats=stats)
+            assert stats["peak_pool"] >= 100 and not caplog.records, name
+        streamed(tmp_path / "both", CLASSES, 60, job(exclusive=True, simplify=0.6), stats=stats)
     assert [r.levelno for r in caplog.records] == [logging.WARNING], caplog.text
-    assert "--simplify holds" in caplog.text and stats["peak_pool"] > 100
+    assert "--classes --simplify holds" in caplog.text and stats["peak_pool"] > 100
 
 
 def test_simplify_keeps_open_what_an_object_crossing_the_frontier_may_grow_around(tmp_path):
