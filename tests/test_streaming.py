@@ -242,21 +242,27 @@ def test_simplify_closes_groups_row_by_row_and_keeps_the_result_exact(tmp_path):
                                   check_dtype=False)
 
 
-@pytest.mark.parametrize("tolerance", [0.3, 0.6])  # 0.6 m = 1.2 px: staircase corners go
-def test_simplify_streams_dense_speckle_exactly_a_row_of_chunks_at_a_time(tmp_path, tolerance):
+@pytest.mark.parametrize(("tolerance", "chunk", "band"), [
+    (0.3, 30, 256),  # 8 rows of chunks, each taken in whole (0.32 measured)
+    (0.6, 120, 20),  # 2 rows of chunks, taken in bands of 20 rows (0.28 measured; 0.64 in whole rows)
+])  # 0.6 m = 1.2 px: staircase corners go
+def test_simplify_streams_dense_speckle_exactly_a_band_at_a_time(tmp_path, monkeypatch, tolerance, chunk, band):
     """Speckle (every box meets its neighbours', in a chain across the raster) under simplify: the
-    client holds a row of chunks' pieces and the band above it up to the top of the tallest object
+    client holds a band of rows' pieces and the band above it up to the top of the tallest object
     touching its lower border, not every piece, and the file is the one-chunk file row for row:
     each prefix of the coverage is simplified beside the polygons simplified before it."""
+    import geoseg.streaming as streaming
+
+    monkeypatch.setattr(streaming, "SIMPLIFY_BAND_ROWS", band)
     rng = np.random.default_rng(5)
     probs = rng.random((3, SIZE, SIZE), dtype=np.float32)
     probs[1:] *= 0.8  # three prompts, the first the densest
     stats: dict = {}
     j = job(simplify=tolerance, transform=ROTATED)
     whole = all_at_once(probs, SIZE, j)
-    got = streamed(tmp_path, probs, 30, j, stats=stats)
+    got = streamed(tmp_path, probs, chunk, j, stats=stats)
     assert len(whole) > 10_000
-    assert stats["peak_pool"] < 0.4 * stats["deferred"], stats  # 8 rows of chunks (0.32 measured)
+    assert stats["peak_pool"] < 0.4 * stats["deferred"], stats
     pd.testing.assert_frame_equal(as_rows(got), as_rows(whole), check_exact=True, check_dtype=False)
 
 
