@@ -64,11 +64,14 @@ seam piece. Under sequential simplify the client finalizes the prefix of the can
 the first polygon it keeps (under ``fill_holes``, also up to the first whose box meets a kept one's:
 a kept polygon may still change above the frontier). A polygon touching the frontier may still grow
 below it, but a polygon before it sees only its vertices above the frontier, final already, and a
-polygon after it waits anyway. The pool then holds a row of chunks' pieces plus the band from the
-top of the highest polygon touching the frontier down to it. For a class map under ``simplify`` a
-group stays open while one of its boxes reaches down to the top of the highest polygon touching the
-frontier, which may still grow, by merging with pieces to come, into any column of its rows; where
-boxes chain across the raster, that is every piece.
+polygon after it waits anyway. Every piece of a row of chunks is deferred then, so the client takes
+them in from the parts on disk (saved in canonical order, decoded only then) a band of
+:data:`SIMPLIFY_BAND_ROWS` rows at a time, and closes each band at its lower border as it would a
+row: the pool holds a band's pieces plus those from the top of the highest polygon touching its
+lower border down to it, whatever the chunk size. For a class map under ``simplify`` a group stays
+open while one of its boxes reaches down to the top of the highest polygon touching the frontier,
+which may still grow, by merging with pieces to come, into any column of its rows; where boxes chain
+across the raster, that is every piece.
 
 Row order
 ---------
@@ -858,7 +861,8 @@ class PolygonOutput:
         self._row_parts: list[tuple[int, SeamSource]] = []  # sequential simplify: the row's parts, not read yet
         #: Sequential simplify: polygons simplified already that a polygon still to come may meet
         #: (raw simplified map-space geometry, prompt, pixel bounds).
-        self._simplified = (np.empty(0, object), np.zeros(0, np.int32), np.zeros((0, 4)))
+        self._simplified: tuple[np.ndarray, np.ndarray, np.ndarray] = (
+            np.empty(0, object), np.zeros(0, np.int32), np.zeros((0, 4)))
         self._merge = _RowMerge(self._write)
         self._bands = sorted({r.row_stop for r in self.regions})  # where the rows of chunks end
         self._written_to: float = 0  # every row above this top is written
@@ -969,7 +973,8 @@ class PolygonOutput:
         """Merge the pool's seams and finalize and spill every merged polygon that nothing below
         ``frontier`` can join or interact with; keep the pieces of the others. For a class map, the
         finalized polygons are noded against every neighbour still known (the open pieces, the
-        context), and the ones an open piece touches stay as context for it.
+        context), and the ones an open piece touches stay as context for it. Under sequential
+        simplify, what is finalized is a prefix of the canonical order, simplified in order.
 
         Returns the *watermark*: no row still to come lies above it. Chunks below ``frontier``
         start there, and a group kept open starts no higher than its highest piece."""
@@ -987,11 +992,12 @@ class PolygonOutput:
         lu, lv = np.r_[hu, su, group[self._links[0]]], np.r_[hv, sv, group[self._links[1]]]
         kept = linked_to(below & (bounds[:, 3] >= self._reach(bounds, frontier)), lu, lv)
         if self.job.sequential:
-            kept = self._from_first_near(kept, merged, bounds, lu, lv)
+            kept = self._after_first_kept(kept, merged, bounds, lu, lv)
             self._spill(self._simplified_in_order(merged, bounds, kept, lu, lv))
             low = bounds[kept, 1].min() if kept.any() else frontier
-            keep = self._simplified[2][:, 3] >= min(low, frontier)  # what a polygon still to come may meet
-            self._simplified = tuple(a[keep] for a in self._simplified)
+            geoms, prompt, sbounds = self._simplified
+            keep = sbounds[:, 3] >= min(low, frontier)  # what a polygon still to come may meet
+            self._simplified = (geoms[keep], prompt[keep], sbounds[keep])
         elif not kept.all():
             context = np.concatenate([merged.geometry[kept], self._context.geometry]) if self.job.exclusive else None
             self._spill(finalized_tables(canonical(_take(merged, ~kept)), self.job, context))
@@ -1010,7 +1016,7 @@ class PolygonOutput:
         self._pool, self._pool_chunk = _take(pool, stay), chunk[stay]
         return min(frontier, float(bounds[kept, 1].min())) if kept.any() else frontier
 
-    def _from_first_near(self, kept: np.ndarray, merged: Pieces, bounds: np.ndarray, lu: np.ndarray,
+    def _after_first_kept(self, kept: np.ndarray, merged: Pieces, bounds: np.ndarray, lu: np.ndarray,
                          lv: np.ndarray) -> np.ndarray:
         """Sequential simplify: ``kept`` grown to every polygon from the first kept one (canonical
         order) on, and to what is finalized with those (``lu``, ``lv``). What is left is a prefix of
