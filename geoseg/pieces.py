@@ -356,15 +356,42 @@ def polygonize_chunk(probs: np.ndarray, valid: np.ndarray, row_off: int, col_off
 # --------------------------------------------------------------------------------------------------
 
 
-def write_pieces(path: str | os.PathLike, pieces: Pieces) -> None:
+def write_pieces(path: str | os.PathLike, pieces: Pieces | Iterable[Pieces]) -> None:
     """Save one chunk's pieces to ``path`` (an uncompressed ``.npz``), atomically.
 
     A reader (or a resumed run) sees the complete old file, the complete new file, or no file —
     never a truncated one (:mod:`geoseg.atomic`). ``.npz`` with ``allow_pickle=False`` is fast, dependency-free and
-    cannot execute code when read back.
+    cannot execute code when read back. ``pieces`` may come in batches, each encoded as it comes:
+    a chunk's decoded polygons take hundreds of bytes each, their arrays a few bytes a vertex.
     """
+    batches = [pieces.to_arrays()] if isinstance(pieces, Pieces) else [b.to_arrays() for b in pieces]
     with atomic_target(Path(path)) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, allow_pickle=False, **pieces.to_arrays())
+        np.savez(fh, allow_pickle=False, **_concat_arrays(batches))
+
+
+def _concat_arrays(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several :meth:`Pieces.to_arrays` results as one (polygon layout; anything else decoded and
+    encoded again)."""
+    batches = [b for b in batches if int(b["geom_type"]) >= 0]  # an empty batch has no geometry arrays
+    if not batches:
+        return Pieces.empty().to_arrays()
+    if len(batches) == 1:
+        return batches[0]
+    if any(int(b["geom_type"]) != GeometryType.POLYGON for b in batches):
+        return Pieces.concat(Pieces.from_arrays(b) for b in batches).to_arrays()
+    out = {k: np.concatenate([b[k] for b in batches]) for k in ("prompt_index", "n_px", "sum_p", "max_p")}
+    coords = [b["coords"] for b in batches]
+    if any(c.dtype != np.int32 for c in coords):
+        coords = [c.astype(np.float64) for c in coords]
+    rings, polys = [np.zeros(1, np.int64)], [np.zeros(1, np.int64)]
+    n_coords = n_rings = 0
+    for b in batches:  # shapely's ragged offsets, each batch's shifted past the ones before
+        rings.append(b["offsets0"][1:] + n_coords)
+        polys.append(b["offsets1"][1:] + n_rings)
+        n_coords += len(b["coords"])
+        n_rings += len(b["offsets0"]) - 1
+    return {"version": batches[0]["version"], **out, "geom_type": batches[0]["geom_type"],
+            "coords": np.concatenate(coords), "offsets0": np.concatenate(rings), "offsets1": np.concatenate(polys)}
 
 
 def read_pieces(path: str | os.PathLike) -> Pieces:

@@ -530,7 +530,8 @@ def write_chunk_polygons(run_dir: Path | str, name: str, comps: Sequence[Compone
     write_companions(part_path(run_dir, name, CONTEXT_SUFFIX),
                      cp.pieces(np.unique(tj[deferred[ti] & ~deferred[tj]])),  # final pieces touching deferred ones
                      at[u[both]], at[v[both]])
-    write_pieces(part_path(run_dir, name, SEAM_SUFFIX), cp.pieces(kept))
+    write_pieces(part_path(run_dir, name, SEAM_SUFFIX),  # polygons made a batch at a time
+                 (cp.pieces(kept[i:i + BATCH_ROWS]) for i in range(0, len(kept), BATCH_ROWS)))
     final = np.flatnonzero(~deferred)
     order = final[canonical_order(cp.prompt[final], cp.bounds[final], cp.n_px[final])]
     rows = 0
