@@ -715,7 +715,7 @@ def write_companions(path: Path, context: Pieces, link_u: np.ndarray, link_v: np
         np.savez(fh, allow_pickle=False, link_u=link_u, link_v=link_v, **context.to_arrays())
 
 
-class part_seams:  # noqa: N801 (used as a function: part_seams(path)())
+class SeamPart:
     """A chunk part's deferred pieces, their context and the links between them (called), or its
     pieces a band of rows at a time (:meth:`band`)."""
 
@@ -742,7 +742,12 @@ class part_seams:  # noqa: N801 (used as a function: part_seams(path)())
 
 
 #: What :meth:`PolygonOutput.add` takes for a chunk's deferred pieces.
-SeamSource = part_seams
+SeamSource = SeamPart
+
+
+def part_seams(path: Path) -> SeamSource:
+    """The deferred pieces of the chunk part at ``path``."""
+    return SeamPart(path)
 
 
 class _SortedRows:
