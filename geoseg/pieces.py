@@ -364,9 +364,14 @@ def write_pieces(path: str | os.PathLike, pieces: Pieces | Iterable[Pieces]) -> 
     cannot execute code when read back. ``pieces`` may come in batches, each encoded as it comes:
     a chunk's decoded polygons take hundreds of bytes each, their arrays a few bytes a vertex.
     """
-    batches = [pieces.to_arrays()] if isinstance(pieces, Pieces) else [b.to_arrays() for b in pieces]
+    batches = [_with_top(pieces)] if isinstance(pieces, Pieces) else [_with_top(b) for b in pieces]
     with atomic_target(Path(path)) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, allow_pickle=False, **_concat_arrays(batches))
+
+
+def _with_top(pieces: Pieces) -> dict[str, np.ndarray]:
+    """:meth:`Pieces.to_arrays` plus each piece's top row, which :class:`PieceStream` reads ahead."""
+    return {**pieces.to_arrays(), "top": shapely.bounds(pieces.geometry).reshape(-1, 4)[:, 1]}
 
 
 def _concat_arrays(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -374,12 +379,12 @@ def _concat_arrays(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
     encoded again)."""
     batches = [b for b in batches if int(b["geom_type"]) >= 0]  # an empty batch has no geometry arrays
     if not batches:
-        return Pieces.empty().to_arrays()
+        return _with_top(Pieces.empty())
     if len(batches) == 1:
         return batches[0]
     if any(int(b["geom_type"]) != GeometryType.POLYGON for b in batches):
-        return Pieces.concat(Pieces.from_arrays(b) for b in batches).to_arrays()
-    out = {k: np.concatenate([b[k] for b in batches]) for k in ("prompt_index", "n_px", "sum_p", "max_p")}
+        return _with_top(Pieces.concat(Pieces.from_arrays(b) for b in batches))
+    out = {k: np.concatenate([b[k] for b in batches]) for k in ("prompt_index", "n_px", "sum_p", "max_p", "top")}
     coords = [b["coords"] for b in batches]
     if any(c.dtype != np.int32 for c in coords):
         coords = [c.astype(np.float64) for c in coords]
@@ -396,41 +401,80 @@ def _concat_arrays(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
 
 def read_pieces(path: str | os.PathLike) -> Pieces:
     """Load pieces saved by :func:`write_pieces`."""
-    return Pieces.from_arrays(read_piece_arrays(path))
-
-
-def read_piece_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays :func:`write_pieces` saved, undecoded: a few bytes a vertex, where decoded
-    polygons take hundreds of bytes each (:func:`piece_rows` decodes a slice)."""
     with np.load(os.fspath(path), allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+        return Pieces.from_arrays({k: data[k] for k in data.files})
 
 
-def piece_tops(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """Each saved polygon's top pixel row (smallest y), without decoding them."""
-    if int(arrays["geom_type"]) != GeometryType.POLYGON:
-        return shapely.bounds(_decode_geometry(arrays)).reshape(-1, 4)[:, 1]
-    rings, polys = arrays["offsets0"], arrays["offsets1"]
-    starts = rings[polys[:-1]]
-    if len(starts) == 0:
-        return np.zeros(0)
-    return np.minimum.reduceat(arrays["coords"][:, 1], starts).astype(np.float64)
+class PieceStream:
+    """Pieces saved by :func:`write_pieces`, read front to back a band of rows at a time: only the
+    band's bytes are read and decoded (``np.savez`` stores each array uncompressed, so each is read
+    as a stream), where the whole file's polygons would take hundreds of bytes each. Files without
+    top rows, or of other geometry types, are read whole and sliced."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._npz = np.load(os.fspath(path), allow_pickle=False)
+        files = set(self._npz.files)
+        self._streams: dict[str, Any] = {}
+        self._whole: Pieces | None = None
+        self._taken = 0
+        if "top" not in files or int(self._npz["geom_type"]) != GeometryType.POLYGON:
+            self._whole = Pieces.from_arrays(self._npz)
+            self._tops = shapely.bounds(self._whole.geometry).reshape(-1, 4)[:, 1]
+            return
+        for key in ("top", "prompt_index", "n_px", "sum_p", "max_p", "coords", "offsets0", "offsets1"):
+            self._streams[key] = _ArrayStream(self._npz.zip.open(f"{key}.npy"))
+        self._tops = np.zeros(0)
+        self._last_ring = int(self._streams["offsets1"].read(1)[0])  # 0: where the next piece's rings start
+        self._last_coord = int(self._streams["offsets0"].read(1)[0])
+
+    def until(self, stop: float) -> Pieces:
+        """The pieces not read yet whose top row is above ``stop`` (the file is in canonical order,
+        top row first)."""
+        if self._whole is not None:
+            end = max(self._taken, int(np.searchsorted(self._tops, stop)))
+            w, sel = self._whole, slice(self._taken, end)
+            self._taken = end
+            return Pieces(w.prompt_index[sel], w.geometry[sel], w.n_px[sel], w.sum_p[sel], w.max_p[sel])
+        top = self._streams["top"]
+        while (len(self._tops) == 0 or self._tops[-1] < stop) and top.left:
+            self._tops = np.r_[self._tops, top.read(4096)]
+        n = int(np.searchsorted(self._tops, stop))
+        self._tops = self._tops[n:]
+        return self._next(n)
+
+    def _next(self, n: int) -> Pieces:
+        s = self._streams
+        polys = s["offsets1"].read(n)
+        rings = s["offsets0"].read(int(polys[-1]) - self._last_ring if n else 0)
+        coords = s["coords"].read(int(rings[-1]) - self._last_coord if len(rings) else 0)
+        ring_off = np.r_[self._last_coord, rings] - self._last_coord
+        poly_off = np.r_[self._last_ring, polys] - self._last_ring
+        geoms = shapely.from_ragged_array(GeometryType.POLYGON, coords.astype(np.float64), (ring_off, poly_off))
+        self._last_ring += int(poly_off[-1])
+        self._last_coord += int(ring_off[-1])
+        return Pieces(s["prompt_index"].read(n), geoms, s["n_px"].read(n), s["sum_p"].read(n), s["max_p"].read(n))
+
+    def close(self) -> None:
+        self._npz.close()
 
 
-def piece_rows(arrays: dict[str, np.ndarray], start: int, stop: int) -> Pieces:
-    """Saved pieces ``start:stop``, only those decoded."""
-    if int(arrays["geom_type"]) != GeometryType.POLYGON:
-        every = Pieces.from_arrays(arrays)
-        sel = slice(start, stop)
-        return Pieces(every.prompt_index[sel], every.geometry[sel], every.n_px[sel], every.sum_p[sel],
-                      every.max_p[sel])
-    rings, polys = arrays["offsets0"], arrays["offsets1"]
-    r0, r1 = polys[start], polys[stop]
-    c0, c1 = rings[r0], rings[r1]
-    geoms = shapely.from_ragged_array(GeometryType.POLYGON, np.asarray(arrays["coords"][c0:c1], np.float64),
-                                      (rings[r0:r1 + 1] - c0, polys[start:stop + 1] - r0))
-    return Pieces(arrays["prompt_index"][start:stop], geoms, arrays["n_px"][start:stop],
-                  arrays["sum_p"][start:stop], arrays["max_p"][start:stop])
+class _ArrayStream:
+    """One ``.npy`` member of an uncompressed ``.npz``, read a few rows at a time."""
+
+    def __init__(self, fh: Any):
+        self._fh = fh
+        version = np.lib.format.read_magic(fh)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, self.dtype = header(fh)
+        self.left = shape[0] if shape else 0
+        self._row_shape = tuple(shape[1:])
+        self._row_bytes = self.dtype.itemsize * int(np.prod(self._row_shape, dtype=np.int64))
+
+    def read(self, n: int) -> np.ndarray:
+        n = min(n, self.left)
+        self.left -= n
+        data = self._fh.read(n * self._row_bytes)
+        return np.frombuffer(data, self.dtype).reshape((n, *self._row_shape)).copy()
 
 
 # --------------------------------------------------------------------------------------------------

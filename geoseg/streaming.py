@@ -120,13 +120,11 @@ from .pieces import (
     FOUR_CONNECTED,
     Components,
     Pieces,
+    PieceStream,
     canonical,
     canonical_order,
     components,
     merge_groups,
-    piece_rows,
-    piece_tops,
-    read_piece_arrays,
     read_pieces,
     seam_links,
     write_pieces,
@@ -721,8 +719,7 @@ class SeamPart:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._arrays: dict[str, np.ndarray] | None = None
-        self._taken = 0
+        self._stream: PieceStream | None = None
 
     def __call__(self) -> tuple[Pieces, Pieces, np.ndarray, np.ndarray]:
         with np.load(self.path.with_suffix(CONTEXT_SUFFIX), allow_pickle=False) as data:
@@ -732,13 +729,14 @@ class SeamPart:
 
     def band(self, stop: float) -> Pieces:
         """The pieces whose top row is above ``stop`` not taken yet (they are saved in canonical
-        order, by top row first): only those are decoded. For a part with no links or context."""
-        if self._arrays is None:
-            self._arrays = read_piece_arrays(self.path)
-            self._tops = piece_tops(self._arrays)
-        end = int(np.searchsorted(self._tops, stop))
-        start, self._taken = self._taken, max(self._taken, end)
-        return piece_rows(self._arrays, start, self._taken)
+        order, by top row first): only those are read. For a part with no links or context."""
+        if self._stream is None:
+            self._stream = PieceStream(self.path)
+        return self._stream.until(stop)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
 
 
 #: What :meth:`PolygonOutput.add` takes for a chunk's deferred pieces.
@@ -940,6 +938,8 @@ class PolygonOutput:
             for chunk, part in self._row_parts:
                 self._take_in(part.band(stop), chunk)
             self._emit(self._close(frontier=stop))
+        for _, part in self._row_parts:
+            part.close()
         self._row_parts = []
 
     def _write(self, table: Any) -> None:

@@ -223,32 +223,53 @@ def test_write_read_and_pickle_roundtrip(tmp_path, scene):
     assert len(read_pieces(tmp_path / "empty.npz")) == 0
 
 
-def _rows(pieces: Pieces, start: int, stop: int) -> Pieces:
-    sel = slice(start, stop)
+def _rows(pieces: Pieces, sel) -> Pieces:
     return Pieces(pieces.prompt_index[sel], pieces.geometry[sel], pieces.n_px[sel], pieces.sum_p[sel],
                   pieces.max_p[sel])
 
 
-def test_pieces_written_in_batches_read_a_slice_at_a_time(tmp_path, scene):
-    """A chunk's deferred pieces are written a batch at a time and read back by the client a band
-    of rows at a time: the batches make the file one write makes, byte for byte in every array,
-    and any slice decodes to those pieces (holes and shifted offsets included)."""
-    from geoseg.pieces import piece_rows, piece_tops, read_piece_arrays
+def test_pieces_written_in_batches_read_a_band_at_a_time(tmp_path, scene):
+    """A chunk's deferred pieces are written a batch at a time and streamed back by the client a
+    band of rows at a time: the batches make the file one write makes, array for array, and the
+    bands read back exactly the pieces whose top row is above each stop (holes and offsets
+    shifted), reading only those; a file without top rows (an older part) is read whole."""
+    import zipfile
+
+    from geoseg.pieces import PieceStream
 
     mask, probs, valid = scene
     pieces = polygonize_chunk(probs, valid, 0, 0, [0.5])
+    order = np.argsort(shapely.bounds(pieces.geometry)[:, 1], kind="stable")  # by top row, as parts are
+    pieces = _rows(pieces, order)
+    tops = shapely.bounds(pieces.geometry)[:, 1]
     assert len(pieces) == len(SHAPES) and shapely.get_num_interior_rings(pieces.geometry).max() == 1
     write_pieces(tmp_path / "one.npz", pieces)
-    write_pieces(tmp_path / "batches.npz", (_rows(pieces, a, b) for a, b in ((0, 3), (3, 3), (3, 5), (5, 7))))
-    one, batches = read_piece_arrays(tmp_path / "one.npz"), read_piece_arrays(tmp_path / "batches.npz")
-    assert one.keys() == batches.keys() and all(np.array_equal(one[k], batches[k]) for k in one)
-    assert np.array_equal(piece_tops(one), shapely.bounds(pieces.geometry)[:, 1])
-    for start, stop in ((0, 7), (2, 5), (6, 7), (4, 4)):
-        got = piece_rows(one, start, stop)
-        assert all(shapely.equals_exact(got.geometry, pieces.geometry[start:stop], 0))
-        assert np.array_equal(got.n_px, pieces.n_px[start:stop])
+    write_pieces(tmp_path / "batches.npz", (_rows(pieces, slice(a, b)) for a, b in ((0, 3), (3, 3), (3, 5), (5, 7))))
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "batches.npz") as batches:
+        assert sorted(one.files) == sorted(batches.files)
+        assert all(np.array_equal(one[k], batches[k]) for k in one.files)
+        assert np.array_equal(one["top"], tops)
+        plain = {k: one[k] for k in one.files if k != "top"}
+    np.savez(tmp_path / "old.npz", **plain)
+    stops = [tops[1] + 0.5, tops[1] + 0.5, tops[4], np.inf]  # a band with nothing new, then the rest
+    for name in ("batches.npz", "old.npz"):
+        stream, got = PieceStream(tmp_path / name), []
+        for stop in stops:
+            band = stream.until(stop)
+            assert (shapely.bounds(band.geometry).reshape(-1, 4)[:, 1] < stop).all()
+            got.append(band)
+        stream.close()
+        assert [len(b) for b in got] == [int((tops < stops[0]).sum()), 0,
+                                        int((tops < stops[2]).sum() - (tops < stops[0]).sum()),
+                                        int((tops >= stops[2]).sum())], name
+        back = Pieces.concat(got)
+        assert all(shapely.equals_exact(back.geometry, pieces.geometry, 0)), name
+        assert np.array_equal(back.n_px, pieces.n_px) and np.array_equal(back.sum_p, pieces.sum_p)
+        assert np.array_equal(back.max_p, pieces.max_p) and np.array_equal(back.prompt_index, pieces.prompt_index)
+    with zipfile.ZipFile(tmp_path / "one.npz") as z:  # streamed as stored, uncompressed members
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
     write_pieces(tmp_path / "none.npz", iter([]))
-    assert len(read_pieces(tmp_path / "none.npz")) == 0
+    assert len(read_pieces(tmp_path / "none.npz")) == 0 and len(PieceStream(tmp_path / "none.npz").until(np.inf)) == 0
 
 
 # ------------------------------------------------------------------------------------------------
