@@ -64,14 +64,14 @@ seam piece. Under sequential simplify the client finalizes the prefix of the can
 the first polygon it keeps (under ``fill_holes``, also up to the first whose box meets a kept one's:
 a kept polygon may still change above the frontier). A polygon touching the frontier may still grow
 below it, but a polygon before it sees only its vertices above the frontier, final already, and a
-polygon after it waits anyway. Every piece of a row of chunks is deferred then, so the client takes
-them in from the parts on disk (saved in canonical order, decoded only then) a band of
-:data:`SIMPLIFY_BAND_ROWS` rows at a time, and closes each band at its lower border as it would a
-row: the pool holds a band's pieces plus those from the top of the highest polygon touching its
-lower border down to it, whatever the chunk size. For a class map under ``simplify`` a group stays
-open while one of its boxes reaches down to the top of the highest polygon touching the frontier,
-which may still grow, by merging with pieces to come, into any column of its rows; where boxes chain
-across the raster, that is every piece.
+polygon after it waits anyway. Every piece of a row of chunks is deferred then, so the client reads
+them from the parts on disk (saved in canonical order, with each piece's top row) as a stream, a
+band of :data:`SIMPLIFY_BAND_ROWS` rows at a time, and closes each band at its lower border as it
+would a row: the pool holds a band's pieces plus those from the top of the highest polygon touching
+its lower border down to it, whatever the chunk size. For a class map under ``simplify`` a group
+stays open while one of its boxes reaches down to the top of the highest polygon touching the
+frontier, which may still grow, by merging with pieces to come, into any column of its rows; where
+boxes chain across the raster, that is every piece.
 
 Row order
 ---------
