@@ -86,6 +86,10 @@ class Pieces:
     def __len__(self) -> int:
         return len(self.prompt_index)
 
+    def take(self, sel: np.ndarray | slice) -> Pieces:
+        """The pieces ``sel`` (indices, a mask or a slice) selects, in that order."""
+        return Pieces(self.prompt_index[sel], self.geometry[sel], self.n_px[sel], self.sum_p[sel], self.max_p[sel])
+
     @classmethod
     def empty(cls) -> Pieces:
         """A Pieces with no rows (a chunk with nothing above threshold)."""
@@ -431,10 +435,8 @@ class PieceStream:
         """The pieces not read yet whose top row is above ``stop`` (the file is in canonical order,
         top row first)."""
         if self._whole is not None:
-            end = max(self._taken, int(np.searchsorted(self._tops, stop)))
-            w, sel = self._whole, slice(self._taken, end)
-            self._taken = end
-            return Pieces(w.prompt_index[sel], w.geometry[sel], w.n_px[sel], w.sum_p[sel], w.max_p[sel])
+            start, self._taken = self._taken, max(self._taken, int(np.searchsorted(self._tops, stop)))
+            return self._whole.take(slice(start, self._taken))
         top = self._streams["top"]
         while (len(self._tops) == 0 or self._tops[-1] < stop) and top.left:
             self._tops = np.r_[self._tops, top.read(4096)]

@@ -320,11 +320,6 @@ def linked_to(seed: np.ndarray, u: np.ndarray, v: np.ndarray, group: np.ndarray 
     return np.isin(group, group[seed])
 
 
-def _take(pieces: Pieces, sel: np.ndarray | slice) -> Pieces:
-    return Pieces(pieces.prompt_index[sel], pieces.geometry[sel], pieces.n_px[sel], pieces.sum_p[sel],
-                  pieces.max_p[sel])
-
-
 def to_arrow(gdf, vector_format: str):
     """A finalized GeoDataFrame as an Arrow table (GeoParquet metadata; MultiPolygon for GeoPackage)."""
     from geopandas.io.arrow import _geopandas_to_arrow
@@ -379,7 +374,7 @@ def finalized_tables(pieces: Pieces, job: VectorJob, context: np.ndarray | None 
     where slicing cannot change a row), as keyed Arrow tables; all at once otherwise."""
     step = BATCH_ROWS if job.per_polygon else max(len(pieces), 1)
     for start in range(0, max(len(pieces), 1), step):
-        part = _take(pieces, slice(start, start + step))
+        part = pieces.take(slice(start, start + step))
         gdf = job.finalize(part, context)
         if len(gdf):
             yield keyed_rows(gdf, part, shapely.bounds(part.geometry).reshape(-1, 4), job)
@@ -1006,20 +1001,20 @@ class PolygonOutput:
             self._simplified = (geoms[keep], prompt[keep], sbounds[keep])
         elif not kept.all():
             context = np.concatenate([merged.geometry[kept], self._context.geometry]) if self.job.exclusive else None
-            self._spill(finalized_tables(canonical(_take(merged, ~kept)), self.job, context))
+            self._spill(finalized_tables(canonical(merged.take(~kept)), self.job, context))
         if self.job.exclusive:  # keep as context what an open piece touches
-            known = Pieces.concat([self._context, _take(merged, ~kept)])
+            known = Pieces.concat([self._context, merged.take(~kept)])
             near = np.zeros(len(known), bool)
             if kept.any() and len(known):
                 near[boxes_tree(bounds[kept]).query(boxes(shapely.bounds(known.geometry)),
                                                     predicate="intersects")[0]] = True
-            self._context = _take(known, near)
+            self._context = known.take(near)
         stay = kept[group]
         at = np.cumsum(stay) - 1
         lu, lv = self._links
         both = stay[lu] & stay[lv]
         self._links = (at[lu[both]], at[lv[both]])
-        self._pool, self._pool_chunk = _take(pool, stay), chunk[stay]
+        self._pool, self._pool_chunk = pool.take(stay), chunk[stay]
         return min(frontier, float(bounds[kept, 1].min())) if kept.any() else frontier
 
     def _after_first_kept(self, kept: np.ndarray, merged: Pieces, bounds: np.ndarray, lu: np.ndarray,
@@ -1061,7 +1056,7 @@ class PolygonOutput:
             pending[batch] = False
             near = meeting(bounds[batch], prompt[batch], tree, prompt)
             sel = np.r_[batch, near[pending[near]]]
-            part = _take(merged, sel)
+            part = merged.take(sel)
             part = Pieces(part.prompt_index, shapely.normalize(part.geometry), part.n_px, part.sum_p, part.max_p)
             geoms, gprompt, gbounds = self._simplified
             before = meeting(bounds[batch], prompt[batch], boxes_tree(gbounds), gprompt)

@@ -223,11 +223,6 @@ def test_write_read_and_pickle_roundtrip(tmp_path, scene):
     assert len(read_pieces(tmp_path / "empty.npz")) == 0
 
 
-def _rows(pieces: Pieces, sel) -> Pieces:
-    return Pieces(pieces.prompt_index[sel], pieces.geometry[sel], pieces.n_px[sel], pieces.sum_p[sel],
-                  pieces.max_p[sel])
-
-
 def test_pieces_written_in_batches_read_a_band_at_a_time(tmp_path, scene):
     """A chunk's deferred pieces are written a batch at a time and streamed back by the client a
     band of rows at a time: the batches make the file one write makes, array for array, and the
@@ -240,11 +235,11 @@ def test_pieces_written_in_batches_read_a_band_at_a_time(tmp_path, scene):
     mask, probs, valid = scene
     pieces = polygonize_chunk(probs, valid, 0, 0, [0.5])
     order = np.argsort(shapely.bounds(pieces.geometry)[:, 1], kind="stable")  # by top row, as parts are
-    pieces = _rows(pieces, order)
+    pieces = pieces.take(order)
     tops = shapely.bounds(pieces.geometry)[:, 1]
     assert len(pieces) == len(SHAPES) and shapely.get_num_interior_rings(pieces.geometry).max() == 1
     write_pieces(tmp_path / "one.npz", pieces)
-    write_pieces(tmp_path / "batches.npz", (_rows(pieces, slice(a, b)) for a, b in ((0, 3), (3, 3), (3, 5), (5, 7))))
+    write_pieces(tmp_path / "batches.npz", (pieces.take(slice(a, b)) for a, b in ((0, 3), (3, 3), (3, 5), (5, 7))))
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "batches.npz") as batches:
         assert sorted(one.files) == sorted(batches.files)
         assert all(np.array_equal(one[k], batches[k]) for k in one.files)
