@@ -993,8 +993,10 @@ class PolygonOutput:
         lu, lv = np.r_[hu, su, group[self._links[0]]], np.r_[hv, sv, group[self._links[1]]]
         kept = linked_to(below & (bounds[:, 3] >= self._reach(bounds, frontier)), lu, lv)
         if self.job.sequential:
-            kept = self._after_first_kept(kept, merged, bounds, lu, lv)
-            self._spill(self._simplified_in_order(merged, bounds, kept, lu, lv))
+            order, tree = canonical_order(merged.prompt_index, bounds, merged.n_px), boxes_tree(bounds)
+            kept = self._after_first_kept(kept, merged.prompt_index, bounds, order, tree, lu, lv)
+            if not kept.all():
+                self._spill(self._simplified_in_order(merged, bounds, order[~kept[order]], tree, lu, lv))
             low = bounds[kept, 1].min() if kept.any() else frontier
             geoms, prompt, sbounds = self._simplified
             keep = sbounds[:, 3] >= min(low, frontier)  # what a polygon still to come may meet
@@ -1017,21 +1019,20 @@ class PolygonOutput:
         self._pool, self._pool_chunk = pool.take(stay), chunk[stay]
         return min(frontier, float(bounds[kept, 1].min())) if kept.any() else frontier
 
-    def _after_first_kept(self, kept: np.ndarray, merged: Pieces, bounds: np.ndarray, lu: np.ndarray,
-                         lv: np.ndarray) -> np.ndarray:
-        """Sequential simplify: ``kept`` grown to every polygon from the first kept one (canonical
-        order) on, and to what is finalized with those (``lu``, ``lv``). What is left is a prefix of
-        the coverage that nothing still open can change. Under ``fill_holes`` a kept polygon may
+    def _after_first_kept(self, kept: np.ndarray, prompt: np.ndarray, bounds: np.ndarray, order: np.ndarray,
+                          tree: shapely.STRtree, lu: np.ndarray, lv: np.ndarray) -> np.ndarray:
+        """Sequential simplify: ``kept`` grown to every polygon from the first kept one in canonical
+        ``order`` on, and to what is finalized with those (``lu``, ``lv``). What is left is a prefix
+        of the coverage that nothing still open can change. Under ``fill_holes`` a kept polygon may
         still change above the frontier (a hole filled, absorbed as an island): the prefix then
-        also stops at the first polygon whose box meets a kept one's."""
+        also stops at the first polygon whose box meets a kept one's (``tree``: every box)."""
         if not kept.any():
             return kept
-        prompt = merged.prompt_index
         pos = np.empty(len(kept), np.int64)
-        pos[canonical_order(prompt, bounds, merged.n_px)] = np.arange(len(kept))
+        pos[order] = np.arange(len(kept))
         cut = pos[kept].min()
         if self.job.fill_holes > 0:
-            near = meeting(bounds[kept], prompt[kept], boxes_tree(bounds), prompt)
+            near = meeting(bounds[kept], prompt[kept], tree, prompt)
             cut = min(cut, pos[near].min())
         while True:  # pulling in an island's owner moves the cut up; a few rounds at most
             after = pos >= cut
@@ -1040,18 +1041,16 @@ class PolygonOutput:
                 return after
             cut = pos[grown].min()
 
-    def _simplified_in_order(self, merged: Pieces, bounds: np.ndarray, kept: np.ndarray, lu: np.ndarray,
-                             lv: np.ndarray) -> Iterator[Any]:
-        """Sequential simplify: the rows of the pieces not ``kept`` (a prefix of the coverage), a
-        batch at a time in canonical order. Each batch is simplified beside the polygons simplified
-        before it whose boxes meet its own (``self._simplified``, appended to) and, after it, the
-        pieces to come whose boxes do (their rows are dropped): the rows the whole coverage gives."""
+    def _simplified_in_order(self, merged: Pieces, bounds: np.ndarray, ids: np.ndarray, tree: shapely.STRtree,
+                             lu: np.ndarray, lv: np.ndarray) -> Iterator[Any]:
+        """Sequential simplify: the rows of the pieces ``ids`` (a prefix of the coverage, in canonical
+        order), a batch at a time. Each batch is simplified beside the polygons simplified before
+        it whose boxes meet its own (``self._simplified``, appended to) and, after it, the pieces to
+        come whose boxes do (``tree``: every box; their rows are dropped): the rows the whole
+        coverage gives."""
         prompt = merged.prompt_index
-        ids = np.flatnonzero(~kept)
-        ids = ids[canonical_order(prompt[ids], bounds[ids], merged.n_px[ids])]
-        pending = np.ones(len(kept), bool)  # not simplified yet
-        group = components(len(kept), lu, lv) if len(lu) else None
-        tree = boxes_tree(bounds)
+        pending = np.ones(len(merged), bool)  # not simplified yet
+        group = components(len(merged), lu, lv) if len(lu) else None
         for batch in _batches(ids, group):
             pending[batch] = False
             near = meeting(bounds[batch], prompt[batch], tree, prompt)
