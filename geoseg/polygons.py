@@ -561,6 +561,8 @@ def _coverage_simplify(geoms: np.ndarray, coverage: np.ndarray, tolerance: float
     bad = ~shapely.is_valid(out)
     if bad.any():
         out[bad] = shapely.make_valid(out[bad], method="structure", keep_collapsed=False)
+    if shared_edges:  # where a ring starts follows which ring an edge came from first: made canonical
+        out = shapely.normalize(out)
     return out, Simplified(raw, coverage.copy(), removed)
 
 

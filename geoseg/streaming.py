@@ -129,7 +129,7 @@ from .pieces import (
     seam_links,
     write_pieces,
 )
-from .polygons import OUTPUT_COLUMNS, Measure, finalize
+from .polygons import OUTPUT_COLUMNS, Measure, Simplified, finalize
 from .tiling import Region
 
 log = logging.getLogger(__name__)
@@ -220,10 +220,14 @@ class VectorJob:
 
     @property
     def sequential(self) -> bool:
-        """Under ``simplify``, except for a class map: the client simplifies the coverage a prefix
-        of the canonical order at a time, beside the polygons simplified before it (module
-        docstring)."""
-        return self.simplify > 0 and not self.exclusive
+        """Under ``simplify``: the client simplifies the coverage a prefix of the canonical order at
+        a time, beside the polygons simplified before it (module docstring)."""
+        return self.simplify > 0
+
+    def coverage(self, prompt: np.ndarray) -> np.ndarray:
+        """Which coverage each piece's polygon belongs to: its prompt's, or, for a class map, the one
+        of all classes (they are simplified and hole-filled together)."""
+        return np.zeros_like(prompt) if self.exclusive else prompt
 
     def finalize(self, pieces: Pieces, context: np.ndarray | None = None, **kw: Any):
         """:func:`geoseg.polygons.finalize` with these options; rows indexed by their piece. ``kw``:
@@ -268,18 +272,6 @@ def neighbour_links(bounds: np.ndarray, job: VectorJob, holes: tuple[np.ndarray,
     j, i = boxes_tree(bounds).query(boxes(hb), predicate="covers")
     keep = owner[j] != i
     return owner[j][keep], i[keep]
-
-
-def simplify_links(bounds: np.ndarray, job: VectorJob) -> tuple[np.ndarray, np.ndarray]:
-    """A class map under ``simplify``: pairs of polygons (by their pixel ``bounds``) whose boxes
-    meet. Polygons that no chain of such pairs joins are simplified independently (module
-    docstring), so each linked group can be finalized on its own."""
-    none = np.empty(0, np.int64)
-    if job.simplify == 0 or not job.exclusive or len(bounds) < 2:
-        return none, none
-    i, j = boxes_tree(bounds).query(boxes(bounds), predicate="intersects")
-    keep = i < j
-    return i[keep], j[keep]
 
 
 def meeting(bounds: np.ndarray, prompt: np.ndarray, tree: shapely.STRtree, tree_prompt: np.ndarray) -> np.ndarray:
@@ -826,10 +818,6 @@ class _RowMerge:
                         c.fill()
 
 
-#: A class map under ``--simplify``: how many objects the client may hold before it warns. Objects
-#: whose boxes chain together (across the raster, on a fragmented map) are simplified together,
-#: about 8 kB each (1.1 M objects of 4096² speckle, one prompt, peaked at 8.3 GB that way).
-SIMPLIFY_WARN_PIECES = 250_000
 #: Sequential simplify: rows of pixels the client takes in and closes at a time (every piece of a
 #: row of chunks is deferred; the pool follows this band times the raster's width).
 SIMPLIFY_BAND_ROWS = 256
@@ -858,10 +846,10 @@ class PolygonOutput:
         self._links = (np.zeros(0, np.int64), np.zeros(0, np.int64))  # pool pieces finalized together
         self._context = Pieces.empty()  # class maps: neighbours the pool's pieces are noded against
         self._row_parts: list[tuple[int, SeamSource]] = []  # sequential simplify: the row's parts, not read yet
-        #: Sequential simplify: polygons simplified already that a polygon still to come may meet
-        #: (raw simplified map-space geometry, prompt, pixel bounds).
-        self._simplified: tuple[np.ndarray, np.ndarray, np.ndarray] = (
-            np.empty(0, object), np.zeros(0, np.int32), np.zeros((0, 4)))
+        #: Sequential simplify: polygons simplified already that a polygon still to come may meet,
+        #: and their pixel bounds.
+        self._simplified = Simplified.empty()
+        self._simplified_bounds = np.zeros((0, 4))
         self._merge = _RowMerge(self._write)
         self._bands = sorted({r.row_stop for r in self.regions})  # where the rows of chunks end
         self._written_to: float = 0  # every row above this top is written
@@ -914,11 +902,6 @@ class PolygonOutput:
         """Chunk ``chunk``'s ``deferred`` pieces into the pool."""
         self._pool = Pieces.concat([self._pool, deferred])
         self._pool_chunk = np.r_[self._pool_chunk, np.full(len(deferred), chunk, np.int64)]
-        if (self.job.simplify > 0 and self.job.exclusive
-                and self.peak_pool < SIMPLIFY_WARN_PIECES <= len(self._pool)):  # once
-            log.warning("--classes --simplify holds %d objects in memory to simplify them together (objects "
-                        "whose boxes touch wait for each other; a fragmented map chains across the raster), "
-                        "~8 kB each. Without --simplify memory stays bounded.", len(self._pool))
         self.peak_pool = max(self.peak_pool, len(self._pool))
 
     def _close_row(self, row: int, row_stop: int) -> None:
@@ -989,18 +972,16 @@ class PolygonOutput:
         bounds = shapely.bounds(merged.geometry)
         holes = small_holes(merged.geometry, self.job) if self.job.fill_holes > 0 else None
         hu, hv = neighbour_links(bounds, self.job, holes)
-        su, sv = simplify_links(bounds, self.job)
-        lu, lv = np.r_[hu, su, group[self._links[0]]], np.r_[hv, sv, group[self._links[1]]]
-        kept = linked_to(below & (bounds[:, 3] >= self._reach(bounds, frontier)), lu, lv)
+        lu, lv = np.r_[hu, group[self._links[0]]], np.r_[hv, group[self._links[1]]]
+        kept = linked_to(below & (bounds[:, 3] >= frontier - self.job.hole_reach), lu, lv)
         if self.job.sequential:
             order, tree = canonical_order(merged.prompt_index, bounds, merged.n_px), boxes_tree(bounds)
-            kept = self._after_first_kept(kept, merged.prompt_index, bounds, order, tree, lu, lv)
+            kept = self._after_first_kept(kept, self.job.coverage(merged.prompt_index), bounds, order, tree, lu, lv)
             if not kept.all():
                 self._spill(self._simplified_in_order(merged, bounds, order[~kept[order]], tree, lu, lv))
             low = bounds[kept, 1].min() if kept.any() else frontier
-            geoms, prompt, sbounds = self._simplified
-            keep = sbounds[:, 3] >= min(low, frontier)  # what a polygon still to come may meet
-            self._simplified = (geoms[keep], prompt[keep], sbounds[keep])
+            keep = self._simplified_bounds[:, 3] >= min(low, frontier)  # what a polygon still to come may meet
+            self._simplified, self._simplified_bounds = self._simplified.take(keep), self._simplified_bounds[keep]
         elif not kept.all():
             context = np.concatenate([merged.geometry[kept], self._context.geometry]) if self.job.exclusive else None
             self._spill(finalized_tables(canonical(merged.take(~kept)), self.job, context))
@@ -1048,36 +1029,36 @@ class PolygonOutput:
         it whose boxes meet its own (``self._simplified``, appended to) and, after it, the pieces to
         come whose boxes do (``tree``: every box; their rows are dropped): the rows the whole
         coverage gives."""
-        prompt = merged.prompt_index
+        coverage = self.job.coverage(merged.prompt_index)
         pending = np.ones(len(merged), bool)  # not simplified yet
         group = components(len(merged), lu, lv) if len(lu) else None
         for batch in _batches(ids, group):
             pending[batch] = False
-            near = meeting(bounds[batch], prompt[batch], tree, prompt)
+            near = meeting(bounds[batch], coverage[batch], tree, coverage)
             sel = np.r_[batch, near[pending[near]]]
             part = merged.take(sel)
             part = Pieces(part.prompt_index, shapely.normalize(part.geometry), part.n_px, part.sum_p, part.max_p)
-            geoms, gprompt, gbounds = self._simplified
-            before = meeting(bounds[batch], prompt[batch], boxes_tree(gbounds), gprompt)
-            raw: list = []
-            gdf = self.job.finalize(part, simplified_before=(geoms[before], gprompt[before]), raw_out=raw)
+            done = self._simplified
+            before = meeting(bounds[sel], coverage[sel], boxes_tree(self._simplified_bounds), done.coverage)
+            raw: list[Simplified] = []
+            gdf = self.job.finalize(part, self._noding_context(merged, bounds, sel, tree),
+                                    simplified_before=done.take(before), raw_out=raw)
             mine = gdf.index.to_numpy() < len(batch)
             gdf, src = gdf[mine], gdf.index.to_numpy()[mine]
-            self._simplified = (np.concatenate([geoms, raw[0][mine] if raw else geoms[:0]]),
-                                np.r_[gprompt, part.prompt_index[src]], np.concatenate([gbounds, bounds[sel[src]]]))
+            if raw:
+                self._simplified = Simplified.concat([done, raw[0].take(mine)])
+                self._simplified_bounds = np.concatenate([self._simplified_bounds, bounds[sel[src]]])
             if len(gdf):
                 yield keyed_rows(gdf, part, bounds[sel], self.job)
 
-    def _reach(self, bounds: np.ndarray, frontier: int) -> float:
-        """The row from which down a polygon's box may meet what is still to come, so that a
-        polygon whose box reaches it stays open: ``frontier - hole_reach`` for hole filling; under
-        ``simplify``, also the top of the highest polygon touching the frontier, which may still
-        grow, by merging with pieces below, into any column of its rows (module docstring)."""
-        reach: float = frontier - self.job.hole_reach
-        growing = bounds[:, 3] >= frontier
-        if self.job.simplify > 0 and not self.job.sequential and growing.any():
-            reach = min(reach, float(bounds[growing, 1].min()))
-        return reach
+    def _noding_context(self, merged: Pieces, bounds: np.ndarray, sel: np.ndarray,
+                        tree: shapely.STRtree) -> np.ndarray | None:
+        """A class map: the known neighbours of the pieces ``sel`` outside them (pool pieces, and
+        finalized ones kept as context), for noding (see :func:`geoseg.polygons.finalize`)."""
+        if not self.job.exclusive:
+            return None
+        near = np.setdiff1d(np.unique(tree.query(boxes(bounds[sel]), predicate="intersects")[1]), sel)
+        return np.concatenate([merged.geometry[near], self._context.geometry])
 
     def finish(self) -> int:
         """Append the remaining deferred pieces, build the index and style; returns the row count."""

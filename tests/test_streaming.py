@@ -5,8 +5,8 @@ come in a deterministic order; the client holds about one row of seams at a time
 
 from __future__ import annotations
 
-import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import geopandas as gpd
@@ -69,9 +69,10 @@ def regions_of(chunk: int) -> list[Region]:
 
 
 def components_of(probs, regions):
+    if isinstance(probs, ClassMap):  # a class map's pieces, as segment --classes makes them
+        valid = np.ones(probs.probs.shape[1:], bool)
+        probs = exclusive(probs.probs, class_map(probs.probs, valid, THRESHOLDS))
     valid = np.ones(probs.shape[1:], bool)
-    if probs is CLASSES:  # a class map's pieces, as segment --classes makes them
-        probs = exclusive(probs, class_map(probs, valid, THRESHOLDS))
     return [chunk_components(probs[:, r.row:r.row_stop, r.col:r.col_stop], valid[r.row:r.row_stop, r.col:r.col_stop],
                              r.row, r.col, THRESHOLDS) for r in regions]
 
@@ -132,7 +133,14 @@ def job(transform: Affine = TRANSFORM, **kw) -> VectorJob:
 ROTATED = Affine.translation(500000, 4500000) @ Affine.rotation(30) @ Affine.scale(0.5, -0.5)
 
 
-CLASSES = blobs()  # the same blobs, made a class map (one class per pixel) by pieces_of
+@dataclass(frozen=True)
+class ClassMap:
+    """Probabilities that :func:`components_of` makes a class map (one class per pixel) of."""
+
+    probs: np.ndarray
+
+
+CLASSES = ClassMap(blobs())  # the same blobs, made a class map
 
 
 @pytest.fixture(scope="module")
@@ -286,24 +294,29 @@ def test_simplify_with_fill_holes_streams_dense_speckle_exactly_in_small_batches
     pd.testing.assert_frame_equal(as_rows(got), as_rows(whole), check_exact=True, check_dtype=False)
 
 
-def test_class_map_simplify_warns_once_when_it_holds_many_objects(tmp_path, monkeypatch, caplog):
-    """A class map under --simplify holds every object whose box chains to the frontier (on a
-    fragmented map, every object): the user is told once, when the client's pool reaches the limit. Neither
-    the class map without simplify (pieces wait for their seams only) nor a prompt's coverage under
-    simplify (a row of chunks at a time) warns, though their pools pass the limit too."""
+@pytest.mark.parametrize(("options", "chunk", "band", "batch"), [
+    ({"simplify": 0.6}, 120, 20, 20_000),  # 2 rows of chunks, taken in bands of 20 rows
+    ({"simplify": 1.5, "fill_holes": 1.0, "min_area": 0.5}, 64, 256, 300),  # 4 rows of chunks, batches of 300
+])
+def test_class_map_simplify_streams_a_fragmented_map_exactly_a_band_at_a_time(tmp_path, monkeypatch, options, chunk,
+                                                                              band, batch):
+    """A class map of speckle (three classes and gaps, neighbours sharing edges, every box meeting
+    its neighbours' across the raster) under simplify: the client holds a band's pieces, not all
+    of them, and the file is the one-chunk file row for row. Each prefix of the coverage is
+    simplified with the edges it shares with polygons simplified before it held as they came out,
+    those polygons beside it, and the outside as a frame (geoseg.polygons._simplify_after)."""
     import geoseg.streaming as streaming
 
-    rng = np.random.default_rng(3)
-    speckle = rng.random((3, SIZE, SIZE), dtype=np.float32)
-    monkeypatch.setattr(streaming, "SIMPLIFY_WARN_PIECES", 100)
+    monkeypatch.setattr(streaming, "SIMPLIFY_BAND_ROWS", band)
+    monkeypatch.setattr(streaming, "BATCH_ROWS", batch)
+    speckle = ClassMap(np.random.default_rng(7).random((3, SIZE, SIZE), dtype=np.float32))
     stats: dict = {}
-    with caplog.at_level(logging.WARNING, logger="geoseg.streaming"):
-        for name, data, j in (("classes", CLASSES, job(exclusive=True)), ("simplify", speckle, job(simplify=0.6))):
-            streamed(tmp_path / name, data, 60, j, stats=stats)
-            assert stats["peak_pool"] >= 100 and not caplog.records, name
-        streamed(tmp_path / "both", CLASSES, 60, job(exclusive=True, simplify=0.6), stats=stats)
-    assert [r.levelno for r in caplog.records] == [logging.WARNING], caplog.text
-    assert "--classes --simplify holds" in caplog.text and stats["peak_pool"] > 100
+    j = job(exclusive=True, transform=ROTATED, **options)
+    whole = all_at_once(speckle, SIZE, j)
+    got = streamed(tmp_path, speckle, chunk, j, stats=stats)
+    assert len(whole) > 5_000 and len(set(whole.prompt)) == 3
+    assert stats["peak_pool"] < 0.4 * stats["deferred"], stats
+    pd.testing.assert_frame_equal(as_rows(got), as_rows(whole), check_exact=True, check_dtype=False)
 
 
 def test_simplify_keeps_open_what_an_object_crossing_the_frontier_may_grow_around(tmp_path):
