@@ -12,6 +12,12 @@ process whose whole process tree (the Dask worker processes included) is polled 
 * ``vectorize``  -- ``geoseg vectorize`` of that run at threshold 0.5 (re-reads the COG);
 * ``simplify``   -- (only when asked for) ``geoseg vectorize --simplify`` one pixel (0.5 m) of
                     that run: the client streams the coverage simplification;
+* ``classmap``   -- (only when asked for) ``geoseg.segment --classes --no-polygons`` of the same
+                    raster with two prompts, ``red`` (red > 0.5) and ``dark`` (red < 0.5), threshold
+                    0.6 (about 7 % of the pixels, near 0.5, in neither): a class map of speckle whose
+                    neighbours share edges everywhere;
+* ``classes``    -- (only when asked for) ``geoseg vectorize --simplify`` one pixel of that run:
+                    the class map's coverage, simplified in order with its shared edges held;
 * ``gdal``       -- ``gdal_polygonize.py`` (Debian GDAL, /usr/bin/python3) of the same mask
                     (``probabilities >= 0.5`` written as a uint8 GeoTIFF with nodata 0) to
                     GeoPackage, 4-connected: geometry only, no attributes.
@@ -113,6 +119,36 @@ def child_simplify(size: int, chunk: int, max_in_flight: int | None = None) -> d
     return child_vectorize(size, chunk, max_in_flight, simplify=NORTH_UP.a)  # one pixel
 
 
+CLASS_THRESHOLD = 0.6
+
+
+def child_classmap(size: int, chunk: int, max_in_flight: int | None = None) -> dict:
+    import geoseg
+    from geoseg.config import SegmentConfig, VectorizeConfig
+    from tests.models import PerPixelFactory
+
+    src = make_speckle(OUT / f"speckle_{size}.tif", size)
+    cfg = SegmentConfig(input=str(src), prompts=("red", "dark"), output=OUT / f"classes_{size}", overwrite=True,
+                        chunk_size=chunk, max_in_flight=max_in_flight, classes=True, polygons=False,
+                        vector=VectorizeConfig(threshold=CLASS_THRESHOLD))
+    geoseg.segment(cfg, segmenter_factory=PerPixelFactory(((1.0, 0.0, 0.0), (-1.0, 0.0, 0.0)), (0.5, -0.5)))
+    return {"features": 0}
+
+
+def child_classes(size: int, chunk: int, max_in_flight: int | None = None) -> dict:
+    from geoseg.config import VectorizeConfig
+    from geoseg.pipeline import vectorize
+    from tests.rasters import NORTH_UP
+
+    _, n = vectorize(OUT / f"classes_{size}", VectorizeConfig(threshold=CLASS_THRESHOLD, simplify=NORTH_UP.a),
+                     workers=None)
+    return {"features": n}
+
+
+CHILDREN = {"segment": child_segment, "vectorize": child_vectorize, "simplify": child_simplify,
+            "classmap": child_classmap, "classes": child_classes}
+
+
 PEAKS: dict[str, float] = {}  # the last measure()'s peaks of the client alone and of one child
 
 
@@ -165,16 +201,15 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk-size", type=int, default=4096, help="geoseg --chunk-size (default: geoseg's)")
     ap.add_argument("--gdal-max", type=int, default=16384, help="skip the GDAL anchor above this size")
     ap.add_argument("--steps", default="segment,vectorize,gdal",
-                    help="which steps to run, of segment,vectorize,simplify,gdal (all but segment reuse an "
-                         "earlier segment run)")
+                    help="which steps to run, of segment,vectorize,simplify,classmap,classes,gdal (vectorize, "
+                         "simplify and gdal reuse an earlier segment run, classes a classmap run)")
     ap.add_argument("--max-in-flight", type=int, default=None,
                     help="segment: chunks in flight (default: geoseg's, one per worker thread)")
-    ap.add_argument("--child", choices=["segment", "vectorize", "simplify"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        fn = {"segment": child_segment, "vectorize": child_vectorize, "simplify": child_simplify}[args.child]
-        print(json.dumps(fn(args.size, args.chunk_size, args.max_in_flight)))
+        print(json.dumps(CHILDREN[args.child](args.size, args.chunk_size, args.max_in_flight)))
         return
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -183,7 +218,7 @@ def main(argv=None) -> None:
     steps = args.steps.split(",")
     for size in (int(s) for s in args.sizes.split(",")):
         make_speckle(OUT / f"speckle_{size}.tif", size)
-        for step in (s for s in ("segment", "vectorize", "simplify") if s in steps):
+        for step in (s for s in CHILDREN if s in steps):
             wall, rss, out = measure([sys.executable, __file__, "--child", step, "--size", str(size),
                                       "--chunk-size", str(args.chunk_size),
                                       *(["--max-in-flight", str(args.max_in_flight)] if args.max_in_flight else [])],
@@ -216,7 +251,7 @@ def main(argv=None) -> None:
         if (size, "gdal") in by and (size, "vectorize") in by:
             print(f"{size}²: vectorize is {by[size, 'gdal'][1] / by[size, 'vectorize'][1]:.2f}x as fast as "
                   "gdal_polygonize.py to GeoPackage")
-    for step in ("segment", "vectorize", "simplify"):
+    for step in CHILDREN:
         if (sizes[0], step) in by and (sizes[-1], step) in by and len(sizes) > 1:
             big, small = split[sizes[-1], step], split[sizes[0], step]
             print(f"{step}: peak RSS {sizes[-1]}² / {sizes[0]}² = {by[sizes[-1], step][2] / by[sizes[0], step][2]:.2f}"

@@ -34,21 +34,23 @@ piece it could interact with is missing from the chunk's own ``finalize`` call:
   only if no vertex of the coverage, as it stands then, lies in the triangle it cuts off. So a
   polygon's result depends on the *results* of the polygons before it and on the *input* of those
   after it, wherever their vertices fall inside its box; and through them on chains of any length
-  (on dense speckle, one chain crosses the raster). Two ways keep the streamed file exact:
+  (on dense speckle, one chain crosses the raster). So the coverage (``sequential``) is simplified
+  a prefix of the canonical order at a time, in batches: each batch beside the known polygons
+  after it whose boxes meet its own (unsimplified; their rows are dropped) and the polygons
+  simplified before it whose boxes meet one of the call's (their raw results, as simplified).
+  The client keeps the raw result of every polygon a polygon still to come may meet
+  (``PolygonOutput._simplified``).
 
-  - a prompt's coverage (``sequential``) is simplified a prefix of the canonical order at a time,
-    in batches: each batch beside the polygons simplified before it whose boxes meet its own,
-    placed last in the simplifier's input (raw results, as simplified; GEOS treats them only after
-    the batch, so they stand as they stood in the whole run), and beside the known polygons after
-    it whose boxes meet its own (unsimplified; their rows are dropped). A vertex is a node by the
-    rings through it only, so the batch's nodes are the whole run's too (checked against GEOS
-    3.14 on 276,150 speckle polygons, 30° rotated transform, 1.4 px tolerance, 14 batches: every
-    row equal; without the polygons before, 7,867 differ). The client keeps the raw result of every polygon a
-    polygon still to come may meet (``PolygonOutput._simplified``);
-  - a class map (one coverage noded across classes, whose shared edges the frozen results would
-    not match) is finalized in groups of polygons whose pixel boxes do not meet, directly or
-    through a chain (:func:`simplify_links`): each group finalized on its own gives the rows the
-    whole coverage gives.
+  - A prompt's polygons share no edge: the earlier results go last in the simplifier's input;
+    GEOS treats them only after the batch, so they stand as they stood in the whole run. A vertex
+    is a node by the rings through it only, so the batch's nodes are the whole run's too (checked
+    against GEOS 3.14 on 276,150 speckle polygons, 30° rotated transform, 1.4 px tolerance, 14
+    batches: every row equal; without the polygons before, 7,867 differ).
+  - A class map is one coverage noded across classes, whose neighbours share edges, simplified
+    with the first polygon that has them: those edges are held as they came out, the earlier
+    results stand beside the batch and the outside is given as a frame
+    (:func:`geoseg.polygons._simplify_after` says how and why; checked there against whole runs).
+    The batch and the polygons after it are noded against every known neighbour.
 
   A chunk cannot finalize anything alone: its polygons wait for the results of polygons before
   them in other chunks (and a polygon merged across seams elsewhere can reach around the chunk's
@@ -56,7 +58,7 @@ piece it could interact with is missing from the chunk's own ``finalize`` call:
 
 The client applies the same rules on its side: it keeps the deferred pieces in a pool and, whenever
 a whole row of chunks has arrived, merges the pool's seams and finalizes every group of linked
-pieces (seam merges, hole links and, for a class map under ``simplify``, boxes that meet) that has
+pieces (seam merges and hole links) that has
 no member touching, or within ``hole_reach`` of, the lower border of that row (the *frontier*,
 beyond which pieces are still to come). Groups that do are kept for the next row; for a class map,
 what they touch is kept as their context. The pool therefore holds about one row of seams, not every
@@ -68,10 +70,7 @@ polygon after it waits anyway. Every piece of a row of chunks is deferred then, 
 them from the parts on disk (saved in canonical order, with each piece's top row) as a stream, a
 band of :data:`SIMPLIFY_BAND_ROWS` rows at a time, and closes each band at its lower border as it
 would a row: the pool holds a band's pieces plus those from the top of the highest polygon touching
-its lower border down to it, whatever the chunk size. For a class map under ``simplify`` a group
-stays open while one of its boxes reaches down to the top of the highest polygon touching the
-frontier, which may still grow, by merging with pieces to come, into any column of its rows; where
-boxes chain across the raster, that is every piece.
+its lower border down to it, whatever the chunk size.
 
 Row order
 ---------
@@ -1025,10 +1024,10 @@ class PolygonOutput:
     def _simplified_in_order(self, merged: Pieces, bounds: np.ndarray, ids: np.ndarray, tree: shapely.STRtree,
                              lu: np.ndarray, lv: np.ndarray) -> Iterator[Any]:
         """Sequential simplify: the rows of the pieces ``ids`` (a prefix of the coverage, in canonical
-        order), a batch at a time. Each batch is simplified beside the polygons simplified before
-        it whose boxes meet its own (``self._simplified``, appended to) and, after it, the pieces to
-        come whose boxes do (``tree``: every box; their rows are dropped): the rows the whole
-        coverage gives."""
+        order), a batch at a time. Each batch is simplified beside the pieces to come whose boxes
+        meet its own (``tree``: every box; their rows are dropped) and the polygons simplified
+        before whose boxes meet one of these (``self._simplified``, appended to): the rows the
+        whole coverage gives."""
         coverage = self.job.coverage(merged.prompt_index)
         pending = np.ones(len(merged), bool)  # not simplified yet
         group = components(len(merged), lu, lv) if len(lu) else None

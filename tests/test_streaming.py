@@ -294,12 +294,14 @@ def test_simplify_with_fill_holes_streams_dense_speckle_exactly_in_small_batches
     pd.testing.assert_frame_equal(as_rows(got), as_rows(whole), check_exact=True, check_dtype=False)
 
 
-@pytest.mark.parametrize(("options", "chunk", "band", "batch"), [
-    ({"simplify": 0.6}, 120, 20, 20_000),  # 2 rows of chunks, taken in bands of 20 rows
-    ({"simplify": 1.5, "fill_holes": 1.0, "min_area": 0.5}, 64, 256, 300),  # 4 rows of chunks, batches of 300
+@pytest.mark.parametrize(("options", "chunk", "band", "batch", "pool_share"), [
+    ({"simplify": 0.6}, 120, 20, 20_000, 0.2),  # 2 rows of chunks in bands of 20 rows: 0.13 measured
+    # 4 rows of chunks, each in whole, batches of 300: 0.38 measured (a row of chunks and the rows
+    # above it that a hole still to be filled may reach)
+    ({"simplify": 1.5, "fill_holes": 1.0, "min_area": 0.5}, 64, 256, 300, 0.45),
 ])
 def test_class_map_simplify_streams_a_fragmented_map_exactly_a_band_at_a_time(tmp_path, monkeypatch, options, chunk,
-                                                                              band, batch):
+                                                                              band, batch, pool_share):
     """A class map of speckle (three classes and gaps, neighbours sharing edges, every box meeting
     its neighbours' across the raster) under simplify: the client holds a band's pieces, not all
     of them, and the file is the one-chunk file row for row. Each prefix of the coverage is
@@ -315,7 +317,7 @@ def test_class_map_simplify_streams_a_fragmented_map_exactly_a_band_at_a_time(tm
     whole = all_at_once(speckle, SIZE, j)
     got = streamed(tmp_path, speckle, chunk, j, stats=stats)
     assert len(whole) > 5_000 and len(set(whole.prompt)) == 3
-    assert stats["peak_pool"] < 0.4 * stats["deferred"], stats
+    assert stats["peak_pool"] < pool_share * stats["deferred"], stats
     pd.testing.assert_frame_equal(as_rows(got), as_rows(whole), check_exact=True, check_dtype=False)
 
 
