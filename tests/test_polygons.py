@@ -233,3 +233,54 @@ def test_real_run_opens_styled_in_qgis(tmp_path, inproc_client):
     assert report["raster"]["band_count"] == 2
     assert report["raster"]["gdal_band_descriptions"] == ["building", "swimming pool"]
     assert report["raster"]["gdal_layout"] == "COG"
+
+
+def _random_class_map(seed: int, n: int, smooth: float, gaps: float) -> np.ndarray:
+    """Pixel-space polygons of a class map: four classes of smoothed noise and gaps (no class)."""
+    from rasterio.features import shapes
+    from scipy import ndimage
+
+    from geoseg.pieces import _shapes_to_polygons
+
+    rng = np.random.default_rng(seed)
+    labels = ndimage.gaussian_filter(rng.random((4, n, n)), (0, smooth, smooth)).argmax(0).astype(np.int32)
+    noise = ndimage.gaussian_filter(rng.random((n, n)), smooth)
+    labels[noise < np.quantile(noise, gaps)] = -1
+    return _shapes_to_polygons([g for g, _ in shapes(labels, mask=labels >= 0, connectivity=4)])
+
+
+@pytest.mark.parametrize(("seed", "angle", "tolerance", "batch", "smooth", "gaps"), [
+    (0, 30, 1.3, 7, 1.5, 0.1),
+    (1, 0, 0.8, 1, 1.5, 0.1),     # axis-aligned staircases, one polygon at a time
+    (2, 30, 5.0, 3, 0.8, 0.3),    # coarse tolerance, many gaps
+    (3, 0, 1.0, 40, 0.5, 0.05),   # fragmented
+])
+def test_class_map_simplified_a_part_at_a_time_equals_one_coverage(seed, angle, tolerance, batch, smooth, gaps):
+    """The invariant streaming relies on for ``--classes --simplify``: simplifying a class map's
+    coverage a prefix at a time, each part beside the known polygons after it and the results of
+    the polygons before it that meet them (``Simplified``: raw results and removed vertices), gives
+    every polygon exactly as one ``coverage_simplify`` of the whole coverage does."""
+    from geoseg.polygons import Simplified, _apply_affine, _coverage_simplify, _node_coverage
+
+    geoms = _apply_affine(_node_coverage(_random_class_map(seed, 90, smooth, gaps)),
+                          Affine.rotation(angle) * Affine(1, 0, 500, 0, -1, 900))
+    bounds = shapely.bounds(geoms)
+    order = np.lexsort((bounds[:, 0], -bounds[:, 3]))  # any order works: the parts are prefixes of it
+    geoms, bounds = geoms[order], bounds[order]
+    coverage = np.zeros(len(geoms), np.int64)
+    whole, _ = _coverage_simplify(geoms, coverage, tolerance, shared_edges=True)
+    tree = shapely.STRtree(shapely.box(*bounds.T))
+    done, done_ids = Simplified.empty(), np.empty(0, np.int64)
+    parts = np.empty(len(geoms), object)
+    for start in range(0, len(geoms), batch):
+        ids = np.arange(start, min(start + batch, len(geoms)))
+        near = np.unique(tree.query(shapely.box(*bounds[ids].T))[1])
+        sel = np.r_[ids, near[near > ids[-1]]]
+        meets = np.unique(tree.query(shapely.box(*bounds[sel].T))[1])
+        out, raw = _coverage_simplify(geoms[sel], coverage[sel], tolerance, done.take(np.isin(done_ids, meets)),
+                                      shared_edges=True)
+        parts[ids] = out[:len(ids)]
+        done, done_ids = Simplified.concat([done, raw.take(np.arange(len(ids)))]), np.r_[done_ids, ids]
+    assert len(geoms) > 300
+    assert shapely.get_num_coordinates(whole).sum() < 0.9 * shapely.get_num_coordinates(geoms).sum()
+    assert shapely.equals_exact(parts, whole, tolerance=0).all()
