@@ -567,7 +567,8 @@ def _coverage_simplify(geoms: np.ndarray, coverage: np.ndarray, tolerance: float
 
 
 def _simplify_after(geoms: np.ndarray, earlier: Simplified, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
-    """A class map's polygons simplified as the whole coverage simplifies them, after ``earlier``.
+    """A class map's polygons simplified as the whole coverage simplifies them, after ``earlier``
+    (the simplified polygons before them whose boxes meet theirs).
 
     GEOS (3.14, ``CoverageSimplifier``/``TPVWSimplifier``) cuts the coverage's rings into edges at
     its nodes, keeps each shared edge once, on the first ring that has it, and simplifies the edges
@@ -578,24 +579,25 @@ def _simplify_after(geoms: np.ndarray, earlier: Simplified, tolerance: float) ->
 
     * each polygon here loses the vertices ``earlier`` lost (its shared edges become their
       results) and, those edges now being on its ring alone, GEOS holds them;
-    * the earlier results stand beside them, each ring a polygon of its own, without the vertices
-      on these polygons' rings (those are on these rings already, and kept they would share the
-      held edges). Where that joins two of their vertices by a chord, both are off these rings, so
-      the chord can be no corner's base;
-    * the *frame*, the outside of all of them, shares their outer edges, which GEOS then
-      simplifies as it does the coverage's boundary under ``simplify_boundary=True``. Its own
-      vertices are theirs, and four far corners.
+    * the *frame*, the outside of these and the earlier polygons together, shares their outer
+      edges, which GEOS then simplifies as it does the coverage's boundary under
+      ``simplify_boundary=True``. Its vertices are theirs, and four far corners.
 
-    The nodes on these polygons' free edges stay the whole run's: a vertex is a node where three
-    rings meet or a ring passes from a held edge to a free one. Checked against one
-    ``coverage_simplify`` of the whole coverage on random class maps with gaps (rotated and
-    axis-aligned, tolerances 0.3–5 px, batches of 1–40 polygons, 20,000 polygons in all): every
-    polygon equal. Returns (raw results, removed vertices)."""
+    The earlier polygons themselves are not needed (and given beside, they would share the held
+    edges). Only whether *some* vertex lies in a corner's triangle counts, and whenever an earlier
+    polygon's vertex does, so does one on these rings or on the frame: the triangle's two sides
+    from its corner are this ring's, which nothing crosses, so the earlier polygons reaching into
+    it do so across its base or lie inside it; either way the boundary of their union has a
+    vertex inside it, and that boundary runs along these polygons or the outside. And a vertex is
+    a node where three rings meet or a ring passes from a held edge to a free one, so the nodes
+    of these polygons' free edges stay the whole run's.
+
+    Checked against one ``coverage_simplify`` of the whole coverage on random class maps with gaps
+    (rotated and axis-aligned, tolerances 0.3–5 px, batches of 1–40 polygons, 20,000 polygons in
+    all): every polygon equal. Returns (raw results, removed vertices)."""
     sub = _without_vertices(geoms, shapely.get_coordinates(earlier.removed))
-    beside = _without_vertices(earlier.geometry, shapely.get_coordinates(sub), rings_apart=True)
     frame = _outside(np.concatenate([sub, earlier.geometry]))
-    raw = shapely.coverage_simplify(np.concatenate([sub, beside, frame]), tolerance,
-                                    simplify_boundary=False)[:len(geoms)]
+    raw = shapely.coverage_simplify(np.concatenate([sub, frame]), tolerance, simplify_boundary=False)[:len(geoms)]
     return raw, _removed(sub, raw)
 
 
@@ -606,28 +608,23 @@ def _vertex_keys(xy: np.ndarray, owner: np.ndarray | None = None) -> np.ndarray:
     return rows.view(np.dtype((np.void, rows.shape[1] * 8))).ravel()
 
 
-def _without_vertices(geoms: np.ndarray, points: np.ndarray, rings_apart: bool = False) -> np.ndarray:
-    """``geoms`` with every vertex at one of ``points`` (n×2) taken out of their rings.
-
-    ``rings_apart``: each ring becomes a polygon of its own and rings left with fewer than three
-    vertices go; otherwise polygons keep their rings and their type (a ring that would fall below
-    three vertices is kept whole: it cannot happen to a ring whose removed vertices are those of
-    shared edges simplified with a neighbour)."""
+def _without_vertices(geoms: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``geoms`` with every vertex at one of ``points`` (n×2) taken out of their rings; polygons
+    keep their rings and their type (a ring that would fall below three vertices is kept whole: it
+    cannot happen to a ring whose removed vertices are those of edges a neighbour simplified)."""
+    if len(points) == 0:
+        return geoms
     parts, part_owner = shapely.get_parts(geoms, return_index=True)
     rings, ring_part = shapely.get_rings(parts, return_index=True)
     xy, ring = shapely.get_coordinates(rings, return_index=True)
     closing = np.r_[ring[1:] != ring[:-1], True]
     xy, ring = xy[~closing], ring[~closing]
-    gone = np.isin(_vertex_keys(xy), _vertex_keys(points)) if len(points) else np.zeros(len(xy), bool)
-    left = np.bincount(ring[~gone], minlength=len(rings))
-    if rings_apart:
-        keep = ~gone & (left[ring] >= 3)
-        return shapely.polygons(shapely.linearrings(xy[keep], indices=np.unique(ring[keep], return_inverse=True)[1]))
+    gone = np.isin(_vertex_keys(xy), _vertex_keys(points))
     if not gone.any():
         return geoms
+    left = np.bincount(ring[~gone], minlength=len(rings))
     keep = ~gone | (left < 3)[ring]
-    out_rings = shapely.linearrings(xy[keep], indices=ring[keep])
-    polys = shapely.polygons(out_rings, indices=ring_part)
+    polys = shapely.polygons(shapely.linearrings(xy[keep], indices=ring[keep]), indices=ring_part)
     out = shapely.multipolygons(polys, indices=part_owner)
     single = shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON
     out[single] = shapely.get_geometry(out[single], 0)
