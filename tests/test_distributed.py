@@ -164,14 +164,15 @@ import geoseg
 from tests.faulty_models import SlowFactory
 vector = geoseg.VectorizeConfig(simplify=float(sys.argv[4]))
 cfg = geoseg.SegmentConfig(sys.argv[1], ("red roof", "blue pool"), sys.argv[2], chunk_size=352, workers=2,
-                           vector=vector)
+                           vector=vector, classes=sys.argv[5] == "True")
 r = geoseg.segment(cfg, segmenter_factory=SlowFactory(float(sys.argv[3])))
 print(json.dumps({"run": r.chunks_run, "skipped": r.chunks_skipped}))
 """
 
 
-def _segment_process(src, out, delay, simplify=0.0):
-    return subprocess.Popen([sys.executable, "-c", CLIENT_RUN, str(src), str(out), str(delay), str(simplify)], cwd=REPO,
+def _segment_process(src, out, delay, simplify=0.0, classes=False):
+    return subprocess.Popen([sys.executable, "-c", CLIENT_RUN, str(src), str(out), str(delay), str(simplify),
+                             str(classes)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -272,28 +273,33 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path, raster):
                            segmenter_factory=PerPixelFactory(WEIGHTS, BIAS))
 
 
-@pytest.mark.parametrize("simplify", [0.0, 1.0])  # with simplify the client simplifies in order, a band at a time
+@pytest.mark.parametrize(("simplify", "classes"), [
+    (0.0, False),
+    (1.0, False),  # the client simplifies in order, a band at a time
+    (1.0, True),   # a class map's coverage too, its shared edges held
+])
 def test_client_killed_mid_streaming_write_resumes_without_lost_or_doubled_polygons(tmp_path, inproc_client,
-                                                                                     simplify):
+                                                                                     simplify, classes):
     """The client is killed while its polygon file is open and chunks are being appended to it;
     the resumed run deletes the half-written temp file, rebuilds the output from the chunk parts,
     and has exactly the features of an undisturbed run with another chunk size."""
     src = write(tmp_path / "in.tif", scene(1056, 1056, seed=12))
     vector = geoseg.VectorizeConfig(simplify=simplify)
-    ref = geoseg.segment(config(src, tmp_path / "ref", chunk_size=512, vector=vector), client=inproc_client,
+    ref = geoseg.segment(config(src, tmp_path / "ref", chunk_size=512, vector=vector, classes=classes),
+                         client=inproc_client,
                          segmenter_factory=PerPixelFactory(WEIGHTS, BIAS))  # 3 x 3 chunks of another size
     out = tmp_path / "run"
     # finished chunks counted as the product counts them (a killed writer's hidden temp is not one)
-    _kill_when(_segment_process(src, out, delay=0.4, simplify=simplify),
+    _kill_when(_segment_process(src, out, delay=0.4, simplify=simplify, classes=classes),
                lambda: len(finished_chunks(out)) >= 3 and bool(list(out.glob(".polygons.tmp-*.gpkg"))))
     assert list(out.glob(".polygons.tmp-*.gpkg")), "killed in the middle of the streaming write"
     assert not (out / "polygons.gpkg").exists()
 
-    again = _segment_process(src, out, delay=0.0, simplify=simplify)
+    again = _segment_process(src, out, delay=0.0, simplify=simplify, classes=classes)
     _, stderr = again.communicate(timeout=120)
     assert again.returncode == 0, stderr
     assert not list(out.glob(".polygons.tmp-*")), "the killed writer's temp file is gone"
-    result = geoseg.segment(config(src, out, chunk_size=352, vector=vector), client=inproc_client,
+    result = geoseg.segment(config(src, out, chunk_size=352, vector=vector, classes=classes), client=inproc_client,
                             segmenter_factory=PerPixelFactory(WEIGHTS, BIAS))
     assert (result.chunks_run, result.chunks_skipped) == (0, 9)
     assert result.features == ref.features
