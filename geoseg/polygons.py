@@ -544,7 +544,8 @@ def _coverage_simplify(geoms: np.ndarray, coverage: np.ndarray, tolerance: float
     edge: the earlier ones go last in the input, where the simplifier treats them only after these.
     ``shared_edges`` (a class map: neighbours share edges) needs more, see :func:`_simplify_after`.
 
-    Returns (repaired, raw): the raw result is what a later call takes as ``before``."""
+    Returns (repaired, raw): the raw result (:class:`Simplified`) is what a later call takes as
+    ``before``."""
     raw = geoms.copy()
     removed = np.full(len(geoms), None, object)
     for c in np.unique(coverage):

@@ -47,8 +47,8 @@ piece it could interact with is missing from the chunk's own ``finalize`` call:
     against GEOS 3.14 on 276,150 speckle polygons, 30° rotated transform, 1.4 px tolerance, 14
     batches: every row equal; without the polygons before, 7,867 differ).
   - A class map is one coverage noded across classes, whose neighbours share edges, simplified
-    with the first polygon that has them: those edges are held as they came out, the earlier
-    results stand beside the batch and the outside is given as a frame
+    with the first polygon that has them: the batch loses the vertices the earlier results lost,
+    so those edges are held as they came out, and the outside is given as a frame
     (:func:`geoseg.polygons._simplify_after` says how and why; checked there against whole runs).
     The batch and the polygons after it are noded against every known neighbour.
 
@@ -1056,7 +1056,8 @@ class PolygonOutput:
         finalized ones kept as context), for noding (see :func:`geoseg.polygons.finalize`)."""
         if not self.job.exclusive:
             return None
-        near = np.setdiff1d(np.unique(tree.query(boxes(bounds[sel]), predicate="intersects")[1]), sel)
+        coverage = self.job.coverage(merged.prompt_index)
+        near = np.setdiff1d(meeting(bounds[sel], coverage[sel], tree, coverage), sel)
         return np.concatenate([merged.geometry[near], self._context.geometry])
 
     def finish(self) -> int:

@@ -306,7 +306,7 @@ def test_class_map_simplify_streams_a_fragmented_map_exactly_a_band_at_a_time(tm
     its neighbours' across the raster) under simplify: the client holds a band's pieces, not all
     of them, and the file is the one-chunk file row for row. Each prefix of the coverage is
     simplified with the edges it shares with polygons simplified before it held as they came out,
-    those polygons beside it, and the outside as a frame (geoseg.polygons._simplify_after)."""
+    and the outside as a frame (geoseg.polygons._simplify_after)."""
     import geoseg.streaming as streaming
 
     monkeypatch.setattr(streaming, "SIMPLIFY_BAND_ROWS", band)
